@@ -1,0 +1,342 @@
+//! Configuration: safe defaults, each limit a documented constant, overridable from the
+//! environment.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// Where the service listens by default: every interface, port 8080.
+pub const DEFAULT_ADDR: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::UNSPECIFIED,
+    8080,
+));
+
+/// Where the debug server listens by default: loopback only, so profiles and metrics never
+/// leave the host unless you say so.
+pub const DEFAULT_DEBUG_ADDR: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    6060,
+));
+
+/// Default for all three connection timeouts and the shutdown deadline: 30 s is long enough
+/// for slow mobile clients and short enough that a slowloris cannot hold a connection for long.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Largest request head by default: 64 KiB, far above what browsers send (large cookie jars
+/// stay under 16 KiB) and small enough that 10,000 slow clients hold at most 640 MiB.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Most header fields by default: 100, the figure hyper and nginx use.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+
+/// Largest body [`Body::bytes`](crate::Body::bytes) reads by default: 2 MiB, enough for JSON
+/// APIs; stream larger uploads through `AsyncRead` instead.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 2 * 1024 * 1024;
+
+/// How the server behaves. Start from [`Config::default`] or [`Config::from_env`] and change
+/// fields:
+///
+/// ```
+/// use std::time::Duration;
+/// let mut config = servicegroup::Config::default();
+/// config.addr = "127.0.0.1:3000".parse().unwrap();
+/// config.write_timeout = Some(Duration::from_secs(5));
+/// config.debug_addr = None; // no debug server
+/// ```
+///
+/// A timeout of `None` is switched off. Switching off timeouts on a public port lets one slow
+/// client hold a connection forever; do it only behind a proxy that enforces its own.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// Service address (`SERVICEGROUP_ADDR`). Port 0 picks a free port; see
+    /// [`Group::addr`](crate::Group::addr).
+    pub addr: SocketAddr,
+    /// Debug server address (`SERVICEGROUP_DEBUG_ADDR`; `off` disables it), or `None` for no
+    /// debug server. To expose it to Kubernetes probes, bind the pod IP or `0.0.0.0` and keep
+    /// the port off any Service or Ingress.
+    pub debug_addr: Option<SocketAddr>,
+    /// Time allowed to read a request head, from its first byte (for a connection's first
+    /// request: from accept). On expiry the client gets 408 if it sent anything, and the
+    /// connection closes (`SERVICEGROUP_HEADER_READ_TIMEOUT_MS`, 0 = off).
+    pub header_read_timeout: Option<Duration>,
+    /// Time allowed for everything after the head: reading the body, running the handler and
+    /// writing the response. On expiry the handler's future is dropped; the client gets 503
+    /// if no response head was sent yet, and the connection closes
+    /// (`SERVICEGROUP_WRITE_TIMEOUT_MS`, 0 = off).
+    pub write_timeout: Option<Duration>,
+    /// Time a keep-alive connection may wait for its next request to start before it is
+    /// closed (`SERVICEGROUP_IDLE_TIMEOUT_MS`, 0 = off).
+    pub idle_timeout: Option<Duration>,
+    /// How long a graceful shutdown may drain before the remaining connections and members are
+    /// cut (`SERVICEGROUP_SHUTDOWN_TIMEOUT_MS`). Counted from the end of `drain_delay`.
+    pub shutdown_timeout: Duration,
+    /// After shutdown starts, keep accepting and serving this long (every response carrying
+    /// `Connection: close`) so load balancers can stop sending traffic first
+    /// (`SERVICEGROUP_DRAIN_DELAY_MS`). Default 0.
+    pub drain_delay: Duration,
+    /// Largest request head in bytes; larger heads get 431.
+    pub max_header_bytes: usize,
+    /// Most header fields in a request (at most 256); more get 431.
+    pub max_headers: usize,
+    /// Largest body [`Body::bytes`](crate::Body::bytes) reads; larger bodies give
+    /// [`Error::BodyTooLarge`], which a handler answers with 413.
+    pub max_body_bytes: u64,
+    /// Most connections open at once; when reached, new connections wait in the listen
+    /// backlog until one closes. `None`: no limit.
+    pub max_connections: Option<usize>,
+    /// Threads that run connections (`SERVICEGROUP_THREADS`). Default: one per core.
+    pub threads: usize,
+    /// Whether [`Group::run`](crate::Group::run) handles SIGINT and SIGTERM (graceful
+    /// shutdown; a second signal exits at once). Turn off when the application handles
+    /// signals itself and calls [`Shutdown::start`](crate::Shutdown::start).
+    pub handle_signals: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            addr: DEFAULT_ADDR,
+            debug_addr: Some(DEFAULT_DEBUG_ADDR),
+            header_read_timeout: Some(DEFAULT_TIMEOUT),
+            write_timeout: Some(DEFAULT_TIMEOUT),
+            idle_timeout: Some(DEFAULT_TIMEOUT),
+            shutdown_timeout: DEFAULT_TIMEOUT,
+            drain_delay: Duration::ZERO,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_connections: None,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            handle_signals: true,
+        }
+    }
+}
+
+impl Config {
+    /// The defaults, overridden by these environment variables when set:
+    ///
+    /// | variable | field | value |
+    /// |---|---|---|
+    /// | `SERVICEGROUP_ADDR` | `addr` | `host:port`, e.g. `0.0.0.0:8080` |
+    /// | `SERVICEGROUP_DEBUG_ADDR` | `debug_addr` | `host:port`, or `off` |
+    /// | `SERVICEGROUP_HEADER_READ_TIMEOUT_MS` | `header_read_timeout` | milliseconds, 0 = off |
+    /// | `SERVICEGROUP_WRITE_TIMEOUT_MS` | `write_timeout` | milliseconds, 0 = off |
+    /// | `SERVICEGROUP_IDLE_TIMEOUT_MS` | `idle_timeout` | milliseconds, 0 = off |
+    /// | `SERVICEGROUP_SHUTDOWN_TIMEOUT_MS` | `shutdown_timeout` | milliseconds |
+    /// | `SERVICEGROUP_DRAIN_DELAY_MS` | `drain_delay` | milliseconds |
+    /// | `SERVICEGROUP_THREADS` | `threads` | a whole number ≥ 1 |
+    ///
+    /// A value that does not parse is an [`Error::Config`] naming the variable and the value.
+    pub fn from_env() -> Result<Config> {
+        Config::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// [`Config::from_env`] over any lookup function (tests use a map).
+    pub(crate) fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let mut config = Config::default();
+        let parse_ms = |name: &'static str| -> Result<Option<Duration>> {
+            get(name)
+                .map(|value| {
+                    value
+                        .trim()
+                        .parse::<u64>()
+                        .map(Duration::from_millis)
+                        .map_err(|_| Error::Config {
+                            name,
+                            value,
+                            expected: "a whole number of milliseconds (0 switches a timeout off)",
+                        })
+                })
+                .transpose()
+        };
+        let timeout = |name, current: Option<Duration>| -> Result<Option<Duration>> {
+            Ok(match parse_ms(name)? {
+                Some(d) if d.is_zero() => None,
+                Some(d) => Some(d),
+                None => current,
+            })
+        };
+        if let Some(value) = get("SERVICEGROUP_ADDR") {
+            config.addr = parse_addr("SERVICEGROUP_ADDR", value)?;
+        }
+        if let Some(value) = get("SERVICEGROUP_DEBUG_ADDR") {
+            config.debug_addr = match value.trim() {
+                "off" | "" => None,
+                _ => Some(parse_addr("SERVICEGROUP_DEBUG_ADDR", value)?),
+            };
+        }
+        config.header_read_timeout = timeout(
+            "SERVICEGROUP_HEADER_READ_TIMEOUT_MS",
+            config.header_read_timeout,
+        )?;
+        config.write_timeout = timeout("SERVICEGROUP_WRITE_TIMEOUT_MS", config.write_timeout)?;
+        config.idle_timeout = timeout("SERVICEGROUP_IDLE_TIMEOUT_MS", config.idle_timeout)?;
+        if let Some(d) = parse_ms("SERVICEGROUP_SHUTDOWN_TIMEOUT_MS")? {
+            config.shutdown_timeout = d;
+        }
+        if let Some(d) = parse_ms("SERVICEGROUP_DRAIN_DELAY_MS")? {
+            config.drain_delay = d;
+        }
+        if let Some(value) = get("SERVICEGROUP_THREADS") {
+            config.threads = match value.trim().parse::<usize>() {
+                Ok(n) if n >= 1 => n,
+                _ => {
+                    return Err(Error::Config {
+                        name: "SERVICEGROUP_THREADS",
+                        value,
+                        expected: "a whole number of threads, at least 1",
+                    })
+                }
+            };
+        }
+        Ok(config)
+    }
+
+    /// Checks values no type can rule out, naming the field to fix.
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |name, value: String, expected| {
+            Err(Error::Config {
+                name,
+                value,
+                expected,
+            })
+        };
+        if self.threads == 0 {
+            return bad("Config::threads", "0".into(), "at least 1");
+        }
+        if self.max_header_bytes == 0 {
+            return bad("Config::max_header_bytes", "0".into(), "at least 1 byte");
+        }
+        if self.max_headers == 0 || self.max_headers > crate::h1::decode::MAX_HEADERS {
+            return bad(
+                "Config::max_headers",
+                self.max_headers.to_string(),
+                "between 1 and 256",
+            );
+        }
+        if self.max_connections == Some(0) {
+            return bad(
+                "Config::max_connections",
+                "Some(0)".into(),
+                "None or at least 1",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Parses `host:port` (IPv4, `[IPv6]`, or `localhost`).
+fn parse_addr(name: &'static str, value: String) -> Result<SocketAddr> {
+    let trimmed = value.trim();
+    let parsed = match trimmed.strip_prefix("localhost:") {
+        Some(port) => port
+            .parse::<u16>()
+            .ok()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
+        None => trimmed.parse().ok(),
+    };
+    parsed.ok_or(Error::Config {
+        name,
+        value,
+        expected: "an address like 0.0.0.0:8080 or [::]:8080",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(vars: &[(&str, &str)]) -> Result<Config> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::default();
+        assert_eq!(c.addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.debug_addr.unwrap().to_string(), "127.0.0.1:6060");
+        assert_eq!(c.header_read_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(c.write_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(c.idle_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.max_header_bytes, 64 * 1024);
+        assert_eq!(c.max_headers, 100);
+        assert!(c.threads >= 1);
+        c.validate().unwrap();
+        let same = from(&[]).unwrap();
+        assert_eq!(format!("{same:?}"), format!("{c:?}"));
+    }
+
+    #[test]
+    fn environment_overrides() {
+        let c = from(&[
+            ("SERVICEGROUP_ADDR", "127.0.0.1:0"),
+            ("SERVICEGROUP_DEBUG_ADDR", "off"),
+            ("SERVICEGROUP_HEADER_READ_TIMEOUT_MS", "250"),
+            ("SERVICEGROUP_WRITE_TIMEOUT_MS", "0"),
+            ("SERVICEGROUP_IDLE_TIMEOUT_MS", "1000"),
+            ("SERVICEGROUP_SHUTDOWN_TIMEOUT_MS", "5"),
+            ("SERVICEGROUP_DRAIN_DELAY_MS", "7"),
+            ("SERVICEGROUP_THREADS", "3"),
+        ])
+        .unwrap();
+        assert_eq!(c.addr.to_string(), "127.0.0.1:0");
+        assert_eq!(c.debug_addr, None);
+        assert_eq!(c.header_read_timeout, Some(Duration::from_millis(250)));
+        assert_eq!(c.write_timeout, None);
+        assert_eq!(c.idle_timeout, Some(Duration::from_secs(1)));
+        assert_eq!(c.shutdown_timeout, Duration::from_millis(5));
+        assert_eq!(c.drain_delay, Duration::from_millis(7));
+        assert_eq!(c.threads, 3);
+        let c = from(&[
+            ("SERVICEGROUP_DEBUG_ADDR", "[::1]:9000"),
+            ("SERVICEGROUP_ADDR", "localhost:81"),
+        ])
+        .unwrap();
+        assert_eq!(c.debug_addr.unwrap().to_string(), "[::1]:9000");
+        assert_eq!(c.addr.to_string(), "127.0.0.1:81");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_the_value() {
+        let table = [
+            ("SERVICEGROUP_ADDR", "8080"),
+            ("SERVICEGROUP_DEBUG_ADDR", "nowhere"),
+            ("SERVICEGROUP_HEADER_READ_TIMEOUT_MS", "1s"),
+            ("SERVICEGROUP_WRITE_TIMEOUT_MS", "-1"),
+            ("SERVICEGROUP_IDLE_TIMEOUT_MS", "ten"),
+            ("SERVICEGROUP_SHUTDOWN_TIMEOUT_MS", "1.5"),
+            ("SERVICEGROUP_DRAIN_DELAY_MS", "x"),
+            ("SERVICEGROUP_THREADS", "0"),
+        ];
+        for (name, value) in table {
+            let text = from(&[(name, value)]).unwrap_err().to_string();
+            assert!(text.contains(name) && text.contains(value), "{text}");
+        }
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut c = Config::default();
+        c.max_headers = 1000;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("Config::max_headers"));
+        let mut c = Config::default();
+        c.threads = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("Config::threads"));
+    }
+}

@@ -1,0 +1,356 @@
+//! The debug server's routes: pprof CPU profiles and flamegraphs, metrics, health and
+//! readiness, plus the user's own. It is served by the same connection loop as the service,
+//! on its own listener (loopback by default) with its own timeouts.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+
+use crate::body::Body;
+use crate::handler::Handler;
+use crate::metrics::Metrics;
+use crate::shutdown::{Counter, Shutdown};
+
+/// Longest CPU profile, in seconds; the debug server's write timeout is sized from it.
+pub const MAX_PROFILE_SECONDS: u64 = 300;
+
+/// Profile length when the request does not say (Go's default).
+const DEFAULT_PROFILE_SECONDS: u64 = 30;
+
+/// The debug server's write timeout: the longest profile plus time to symbolize and send it.
+pub(crate) const DEBUG_WRITE_TIMEOUT: Duration = Duration::from_secs(MAX_PROFILE_SECONDS + 60);
+
+/// The debug server's header-read and idle timeouts.
+pub(crate) const DEBUG_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A boxed response future.
+pub(crate) type BoxResponse = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+
+/// A user's debug route.
+pub(crate) type Route = Box<dyn Fn(Request<Body>) -> BoxResponse + Send + Sync>;
+
+/// Boxes a handler as a route.
+pub(crate) fn route(handler: impl Handler) -> Route {
+    Box::new(move |req| Box::pin(handler.call(req)))
+}
+
+/// What the debug routes read.
+pub(crate) struct State {
+    /// User routes, by exact path; checked before the built-in ones.
+    pub(crate) routes: Vec<(String, Route)>,
+    /// The service's counters.
+    pub(crate) metrics: Arc<Metrics>,
+    /// The service's open connections.
+    pub(crate) connections: Counter,
+    /// Readiness turns to 503 once this starts.
+    pub(crate) shutdown: Shutdown,
+}
+
+/// The debug server's handler.
+#[derive(Clone)]
+pub(crate) struct Debug(pub(crate) Arc<State>);
+
+impl Handler for Debug {
+    type Future = BoxResponse;
+
+    fn call(&self, req: Request<Body>) -> BoxResponse {
+        let state = &self.0;
+        let path = req.uri().path();
+        if let Some((_, route)) = state.routes.iter().find(|(p, _)| p == path) {
+            return route(req);
+        }
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            let known = matches!(
+                path,
+                "/" | "/debug/pprof"
+                    | "/debug/pprof/"
+                    | "/debug/pprof/profile"
+                    | "/debug/pprof/flamegraph"
+                    | "/debug/pprof/cmdline"
+                    | "/metrics"
+                    | "/debug/vars"
+                    | "/healthz"
+                    | "/readyz"
+            );
+            if known {
+                let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+                return Box::pin(async { response });
+            }
+        }
+        let snapshot = || {
+            state
+                .metrics
+                .snapshot(state.connections.count(), state.shutdown.is_started())
+        };
+        let response = match path {
+            "/" | "/debug/pprof" | "/debug/pprof/" => {
+                typed(StatusCode::OK, "text/html; charset=utf-8", index(state))
+            }
+            "/debug/pprof/profile" | "/debug/pprof/flamegraph" => {
+                let svg = path.ends_with("flamegraph");
+                return match seconds(req.uri().query()) {
+                    Ok(seconds) => Box::pin(profile::take(seconds, svg)),
+                    Err(message) => Box::pin(async move { text(StatusCode::BAD_REQUEST, message) }),
+                };
+            }
+            "/debug/pprof/cmdline" => {
+                let args: Vec<String> = std::env::args().collect();
+                text(StatusCode::OK, args.join("\0"))
+            }
+            "/metrics" => typed(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                snapshot().prometheus(),
+            ),
+            "/debug/vars" => typed(StatusCode::OK, "application/json", snapshot().json()),
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" if state.shutdown.is_started() => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+            }
+            "/readyz" => text(StatusCode::OK, "ready\n"),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found; see / for the debug endpoints\n",
+            ),
+        };
+        Box::pin(async { response })
+    }
+}
+
+/// The `seconds` query parameter, checked.
+fn seconds(query: Option<&str>) -> Result<u64, String> {
+    let raw = query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("seconds="));
+    match raw {
+        None => Ok(DEFAULT_PROFILE_SECONDS),
+        Some(raw) => match raw.parse::<u64>() {
+            Ok(n) if (1..=MAX_PROFILE_SECONDS).contains(&n) => Ok(n),
+            _ => Err(format!(
+                "seconds must be a whole number from 1 to {MAX_PROFILE_SECONDS}, got {raw:?}\n"
+            )),
+        },
+    }
+}
+
+/// The index page.
+fn index(state: &State) -> String {
+    let mut page = String::from(
+        "<!doctype html><html><head><title>servicegroup debug</title></head><body>\n\
+         <h1>servicegroup debug server</h1>\n<ul>\n\
+         <li><a href=\"/debug/pprof/profile?seconds=30\">/debug/pprof/profile?seconds=N</a>: \
+         CPU profile (gzipped pprof protobuf; <code>go tool pprof URL</code>)</li>\n\
+         <li><a href=\"/debug/pprof/flamegraph?seconds=10\">/debug/pprof/flamegraph?seconds=N</a>: \
+         CPU flamegraph (SVG)</li>\n\
+         <li><a href=\"/debug/pprof/cmdline\">/debug/pprof/cmdline</a>: command line</li>\n\
+         <li><a href=\"/metrics\">/metrics</a>: Prometheus metrics</li>\n\
+         <li><a href=\"/debug/vars\">/debug/vars</a>: the same figures as JSON</li>\n\
+         <li><a href=\"/healthz\">/healthz</a>: liveness (200 while the process runs)</li>\n\
+         <li><a href=\"/readyz\">/readyz</a>: readiness (503 once shutdown starts)</li>\n",
+    );
+    for (path, _) in &state.routes {
+        let path = path
+            .replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('"', "&quot;");
+        page.push_str(&format!("<li><a href=\"{path}\">{path}</a></li>\n"));
+    }
+    page.push_str("</ul></body></html>\n");
+    page
+}
+
+/// A plain-text response.
+fn text(status: StatusCode, body: impl Into<Body>) -> Response<Body> {
+    typed(status, "text/plain; charset=utf-8", body)
+}
+
+/// A response with a content type.
+fn typed(status: StatusCode, content_type: &'static str, body: impl Into<Body>) -> Response<Body> {
+    let mut response = Response::new(body.into());
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+#[cfg(feature = "pprof")]
+mod profile {
+    //! CPU profiles with pprof-rs: one at a time, the wait an awaited timer.
+
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use http::header::{self, HeaderValue};
+    use http::{Response, StatusCode};
+    use pprof::protos::Message;
+
+    use super::{text, typed};
+    use crate::body::Body;
+
+    /// Sampling rate: 99 Hz, off the beat of 100 Hz timers (pprof-rs' advice).
+    const FREQUENCY: i32 = 99;
+
+    /// The profiler is process-wide (SIGPROF): one profile at a time.
+    static PROFILING: AtomicBool = AtomicBool::new(false);
+
+    /// Frees [`PROFILING`] however the profile ends, cancellation included.
+    struct Turn;
+
+    impl Drop for Turn {
+        fn drop(&mut self) {
+            PROFILING.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Profiles the whole process for `seconds`; a pprof protobuf, or an SVG flamegraph.
+    pub(super) async fn take(seconds: u64, svg: bool) -> Response<Body> {
+        if PROFILING.swap(true, Ordering::SeqCst) {
+            return text(
+                StatusCode::CONFLICT,
+                "a CPU profile is already being taken; retry when it finishes\n",
+            );
+        }
+        let _turn = Turn;
+        let guard = match pprof::ProfilerGuardBuilder::default()
+            .frequency(FREQUENCY)
+            .blocklist(&["libc", "libgcc", "pthread", "vdso"])
+            .build()
+        {
+            Ok(guard) => guard,
+            Err(e) => {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("could not start the profiler: {e}\n"),
+                )
+            }
+        };
+        async_io::Timer::after(Duration::from_secs(seconds)).await;
+        let report = match guard.report().build() {
+            Ok(report) => report,
+            Err(e) => {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("could not build the profile: {e}\n"),
+                )
+            }
+        };
+        drop(guard);
+        if svg {
+            let mut out = Vec::new();
+            if let Err(e) = report.flamegraph(&mut out) {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("could not draw the flamegraph: {e}\n"),
+                );
+            }
+            return typed(StatusCode::OK, "image/svg+xml", out);
+        }
+        let profile = match report.pprof() {
+            Ok(profile) => profile.encode_to_vec(),
+            Err(e) => {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("could not encode the profile: {e}\n"),
+                )
+            }
+        };
+        let mut response = typed(StatusCode::OK, "application/octet-stream", gzip(&profile));
+        response.headers_mut().insert(
+            header::CONTENT_DISPOSITION,
+            HeaderValue::from_static("attachment; filename=\"profile\""),
+        );
+        response
+    }
+
+    /// Wraps raw deflate in a gzip member (RFC 1952), which `go tool pprof` expects.
+    pub(crate) fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+        out.extend(miniz_oxide::deflate::compress_to_vec(data, 6));
+        out.extend(crc32(data).to_le_bytes());
+        out.extend((data.len() as u32).to_le_bytes());
+        out
+    }
+
+    /// CRC-32 (IEEE), bit by bit: profiles are small and this runs once per profile.
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &byte in data {
+            crc ^= u32::from(byte);
+            for _ in 0..8 {
+                crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
+            }
+        }
+        !crc
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn crc32_check_value() {
+            assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        }
+
+        #[test]
+        fn gzip_round_trips() {
+            let data = b"profile data profile data profile data".repeat(10);
+            let gz = gzip(&data);
+            assert_eq!(&gz[..3], &[0x1f, 0x8b, 8]);
+            let body = &gz[10..gz.len() - 8];
+            assert_eq!(miniz_oxide::inflate::decompress_to_vec(body).unwrap(), data);
+            assert_eq!(&gz[gz.len() - 8..gz.len() - 4], &crc32(&data).to_le_bytes());
+        }
+    }
+}
+
+#[cfg(not(feature = "pprof"))]
+mod profile {
+    //! Without the `pprof` feature, the profile routes say how to get them.
+
+    use http::{Response, StatusCode};
+
+    use crate::body::Body;
+
+    /// Explains that profiles need the `pprof` feature.
+    pub(super) async fn take(_seconds: u64, _svg: bool) -> Response<Body> {
+        super::text(
+            StatusCode::NOT_IMPLEMENTED,
+            "CPU profiles need the `pprof` feature of servicegroup (on by default); \
+             this binary was built without it\n",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_are_bounded() {
+        assert_eq!(seconds(None), Ok(30));
+        assert_eq!(seconds(Some("seconds=5")), Ok(5));
+        assert_eq!(seconds(Some("a=b&seconds=300")), Ok(300));
+        for bad in [
+            "seconds=0",
+            "seconds=301",
+            "seconds=x",
+            "seconds=-1",
+            "seconds=",
+        ] {
+            assert!(
+                seconds(Some(bad)).unwrap_err().contains("from 1 to 300"),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Production-safe HTTP/1.1 services for smol and async-std, from the first line.
+//!
+//! ```no_run
+//! # async fn example() -> servicegroup::Result<()> {
+//! # let handler = |_req| async { servicegroup::http::Response::new(servicegroup::Body::empty()) };
+//! servicegroup::run(handler, servicegroup::Config::default()).await
+//! # }
+//! ```
+//!
+//! serves `handler` over HTTP/1.1 on `0.0.0.0:8080` with header-read, write and idle
+//! timeouts enforced; runs a debug server on `127.0.0.1:6060` (pprof CPU profiles and
+//! flamegraphs, Prometheus metrics, health and readiness) where the public can't reach it;
+//! and on SIGINT or SIGTERM stops accepting, lets requests in flight finish, and returns —
+//! cutting what is left after a deadline. Add your own long-running tasks with [`Group`]:
+//! when any member of the group ends, all are stopped.
+//!
+//! # How it works
+//!
+//! A small hand-written HTTP/1.1 connection loop (RFC 9112) runs each connection as a task on
+//! an [`async_executor::Executor`] driven by one thread per core. It races each phase of a
+//! connection against one timer: waiting for a request (idle timeout), reading its head
+//! (header-read timeout), and everything after (write timeout: body, handler, response). A
+//! supervisor races the group's members against a shared stop signal, and a counter of open
+//! connections tells the drain when it is done. It depends on smol's building blocks
+//! (async-io, async-executor, futures-lite), `http` for types and `httparse` for parsing;
+//! no tokio, no hyper.
+//!
+//! # Examples
+//!
+//! Bind port 0, send a request, check the answer, shut down:
+//!
+//! ```
+//! use std::io::{Read, Write};
+//! use servicegroup::{Body, Config, Group, http::Response};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut config = Config::default();
+//! config.addr = "127.0.0.1:0".parse()?;
+//! config.debug_addr = None;
+//! config.handle_signals = false;
+//! let group = Group::new(|_req| async { Response::new(Body::from("hello")) }, config)?;
+//! let (addr, shutdown) = (group.addr(), group.shutdown());
+//! let server = std::thread::spawn(move || smol::block_on(group.run()));
+//!
+//! let mut client = std::net::TcpStream::connect(addr)?;
+//! client.write_all(b"GET / HTTP/1.1\r\nHost: example\r\nConnection: close\r\n\r\n")?;
+//! let mut response = String::new();
+//! client.read_to_string(&mut response)?;
+//! assert!(response.starts_with("HTTP/1.1 200 OK\r\n"));
+//! assert!(response.ends_with("\r\n\r\nhello"));
+//!
+//! shutdown.start();
+//! server.join().unwrap()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Timeouts
+//!
+//! | phase | `Config` field | on expiry |
+//! |---|---|---|
+//! | waiting for the first request, reading a head | `header_read_timeout` | 408 if any byte arrived, then close; else close |
+//! | reading the body, running the handler, writing the response | `write_timeout` | 503 if no response head was sent yet, then close; else close |
+//! | waiting for the next request on a keep-alive connection | `idle_timeout` | close |
+//!
+//! Set a timeout to `None` (or its `SERVICEGROUP_*_MS` variable to 0) to switch it off.
+//!
+//! # Cancel safety
+//!
+//! A handler's future is dropped, not polled to completion, when the write timeout expires,
+//! when the client's connection fails while the response is written, or when the shutdown
+//! deadline passes. Dropping runs destructors but nothing after the last `.await`: do not
+//! rely on code after an await to release a lock, finish a transaction or send a message.
+//! Use RAII guards, or spawn work that must finish onto your own executor. The request body
+//! becomes unreadable once its exchange ends, so a task that keeps the body gets an error.
+//! [`Group::run`] itself may be dropped: its connections stop when it is, but its threads
+//! finish the tasks they are polling first.
+//!
+//! # Shutdown
+//!
+//! The *signal* (SIGINT, SIGTERM, [`Shutdown::start`], or a member ending) is instant: it
+//! never waits. The *drain* follows it: readiness reports 503 at once; after
+//! `Config::drain_delay` the listener closes and idle connections close; requests in flight
+//! run to completion, their responses carrying `Connection: close`; `run` returns when the
+//! last connection closes, or at `Config::shutdown_timeout`, reporting what was cut. A second
+//! SIGINT or SIGTERM during the drain ends the process at once. SIGKILL cannot be caught by
+//! any process.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![doc(test(attr(deny(warnings))))]
+
+mod body;
+mod config;
+mod debug;
+mod error;
+mod group;
+mod h1;
+mod handler;
+mod metrics;
+mod server;
+mod shutdown;
+mod signal;
+mod supervisor;
+
+pub use body::Body;
+pub use config::{
+    Config, DEFAULT_ADDR, DEFAULT_DEBUG_ADDR, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADERS,
+    DEFAULT_MAX_HEADER_BYTES, DEFAULT_TIMEOUT,
+};
+pub use debug::MAX_PROFILE_SECONDS;
+pub use error::{BoxError, Error, Phase, Result};
+pub use group::Group;
+pub use handler::Handler;
+pub use server::conn::DRAIN_LIMIT;
+pub use shutdown::Shutdown;
+
+/// The `http` crate this crate's types come from (`Request`, `Response`, `StatusCode`, ...),
+/// re-exported so your versions match.
+pub use http;
+
+/// Serves `handler` with `config` until a signal or a fatal error; see [`Group::run`].
+///
+/// Equivalent to `Group::new(handler, config)?.run().await`.
+pub async fn run(handler: impl Handler, config: Config) -> Result<()> {
+    Group::new(handler, config)?.run().await
+}
+
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+struct ReadmeDoctests;

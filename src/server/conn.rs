@@ -1,0 +1,1102 @@
+//! One connection: the keep-alive loop and every timeout. The only code that holds the socket
+//! and the clock; it never looks at header bytes itself (the codec does).
+//!
+//! A connection alternates three phases, each a race between the work and one deadline on a
+//! single per-connection timer (rearmed per phase, registered with the reactor only when a
+//! phase actually has to wait):
+//!
+//! 1. **waiting** for the first byte of a request: idle timeout (for the first request, the
+//!    header-read timeout from accept), also raced against the drain signal;
+//! 2. **head**: header-read timeout, from the first byte until the head parses;
+//! 3. **exchange**: write timeout, covering the body read, the handler and the response write.
+//!
+//! Expiry drops the phase's future: cancellation is drop. The request body is read through
+//! the connection's shared read state ([`Shared`]), so the handler can stream it, and the
+//! connection gets the rest back afterwards to drain it (up to [`DRAIN_LIMIT`]) for reuse.
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::net::{SocketAddr, TcpStream};
+use std::panic::AssertUnwindSafe;
+use std::pin::{pin, Pin};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{ready, Context as TaskContext, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_io::{Async, Timer};
+use event_listener::EventListener;
+use futures_lite::future::{poll_fn, poll_once};
+use futures_lite::FutureExt;
+use http::header::{self, HeaderMap};
+use http::{Method, Request, StatusCode, Version};
+
+use crate::body::{Body, Incoming, Source};
+use crate::error::{decode_status, Error, Phase};
+use crate::h1::decode::{self, BodyDecoder, BodyLength, DecodeError, Head, HeadScanner, Limits};
+use crate::h1::encode::{self, Connection, ResponseHead, CONTINUE, CRLF, DATE_LEN, LAST_CHUNK};
+use crate::handler::Handler;
+use crate::metrics::{Metrics, Reject};
+use crate::shutdown::Latch;
+
+/// Unread request body drained after a response so the connection can serve another request.
+/// Past this the connection closes instead: reading a large upload nobody wants costs more
+/// than a new connection (the same bound Go's net/http uses).
+pub const DRAIN_LIMIT: u64 = 256 * 1024;
+
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Response bytes held back while pipelined requests are waiting, before a flush is forced.
+const FLUSH_AT: usize = 64 * 1024;
+
+/// Response bodies up to this size are copied next to the head (one write); larger ones are
+/// written from their own memory with a vectored write.
+const INLINE_BODY: usize = 16 * 1024;
+
+/// Bytes read per chunk of a streamed response body.
+const STREAM_CHUNK: usize = 16 * 1024;
+
+/// How long a closing connection keeps flushing and then reading (and discarding) before it
+/// closes, so the client receives the last response instead of a reset caused by its unread
+/// bytes (Go's net/http waits 500 ms for the same reason).
+const LINGER: Duration = Duration::from_millis(500);
+
+/// Bytes a lingering connection reads and discards at most.
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// A byte stream the connection runs over: a TCP socket, or an in-memory pipe when fuzzing.
+/// All methods take `&self` so the request body and the loop can share one stream.
+pub(crate) trait Io: Send + Sync + 'static {
+    /// Reads into `buf`; `Ok(0)` at end of stream.
+    fn poll_read(&self, cx: &mut TaskContext<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>>;
+    /// Resolves when a read would not block (data or end of stream), without reading, so an
+    /// idle connection holds no buffer.
+    fn poll_readable(&self, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>>;
+    /// Writes from `bufs` in order.
+    fn poll_write_vectored(
+        &self,
+        cx: &mut TaskContext<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>>;
+    /// Shuts the sending side (FIN), keeping the receiving side open.
+    fn shutdown_write(&self);
+}
+
+impl Io for Async<TcpStream> {
+    fn poll_read(&self, cx: &mut TaskContext<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        futures_lite::AsyncRead::poll_read(Pin::new(&mut &*self), cx, buf)
+    }
+
+    fn poll_readable(&self, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Async::poll_readable(self, cx)
+    }
+
+    fn poll_write_vectored(
+        &self,
+        cx: &mut TaskContext<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        futures_lite::AsyncWrite::poll_write_vectored(Pin::new(&mut &*self), cx, bufs)
+    }
+
+    fn shutdown_write(&self) {
+        let _ = self.get_ref().shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// The per-server settings a connection needs, taken from `Config`.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// Head limits for the codec.
+    pub(crate) limits: Limits,
+    /// See `Config::header_read_timeout`.
+    pub(crate) header_read_timeout: Option<Duration>,
+    /// See `Config::write_timeout`.
+    pub(crate) write_timeout: Option<Duration>,
+    /// See `Config::idle_timeout`.
+    pub(crate) idle_timeout: Option<Duration>,
+    /// See `Config::max_body_bytes`.
+    pub(crate) max_body_bytes: u64,
+}
+
+/// Everything a server's connections share.
+pub(crate) struct Context<H> {
+    /// Serves the requests.
+    pub(crate) handler: H,
+    /// Limits and timeouts.
+    pub(crate) settings: Settings,
+    /// Once set, every response says `Connection: close` (shutdown has started).
+    pub(crate) close_responses: Latch,
+    /// Once set, connections waiting for a request close (the drain has started).
+    pub(crate) close_idle: Latch,
+    /// Counters for the debug server.
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+/// Serves one connection until it closes; returns why it closed, if not cleanly.
+pub(crate) async fn serve<I: Io, H: Handler>(
+    io: I,
+    peer: SocketAddr,
+    ctx: &Context<H>,
+) -> Result<(), Error> {
+    let mut conn = Conn {
+        shared: Arc::new(Shared {
+            io,
+            state: Mutex::new(ReadState {
+                buf: ReadBuf::default(),
+                body: BodyDecoder::Length(0),
+                request: 0,
+                expect: Continue::None,
+                head_started: false,
+                error: None,
+                eof: false,
+            }),
+        }),
+        ctx,
+        peer,
+        deadline: Deadline::default(),
+        out: Vec::new(),
+        drain: None,
+    };
+    let result = conn.run().await;
+    match &result {
+        Err(e) => log::trace!("{peer}: closed: {e}"),
+        Ok(()) => log::trace!("{peer}: closed"),
+    }
+    result
+}
+
+/// What the connection does after an exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Serve the next request.
+    KeepAlive,
+    /// Flush, stop sending, read and discard briefly, close.
+    Linger,
+}
+
+/// How waiting for a request's first byte ended.
+enum Wait {
+    /// Bytes (or the end of the stream) are ready to read.
+    Readable,
+    /// The server is draining: close.
+    Drain,
+}
+
+/// One connection's loop state.
+struct Conn<'a, I: Io, H> {
+    /// The stream and the read side, shared with the current request body.
+    shared: Arc<Shared<I>>,
+    /// The server's shared context.
+    ctx: &'a Context<H>,
+    /// For logs.
+    peer: SocketAddr,
+    /// The one timer.
+    deadline: Deadline,
+    /// Encoded response bytes not yet written; pipelined responses gather here.
+    out: Vec<u8>,
+    /// Wakes an idle connection when the drain starts; made once per connection.
+    drain: Option<EventListener>,
+}
+
+impl<I: Io, H: Handler> Conn<'_, I, H> {
+    /// The keep-alive loop.
+    async fn run(&mut self) -> Result<(), Error> {
+        let accepted = Instant::now();
+        let ctx = self.ctx;
+        let settings = &ctx.settings;
+        let mut first = true;
+        loop {
+            // 1. Wait for the next request's first byte, unless it is already buffered.
+            if self.shared.lock().buf.is_empty() {
+                let (phase, deadline) = if first {
+                    (
+                        Phase::HeaderRead,
+                        after(accepted, settings.header_read_timeout),
+                    )
+                } else {
+                    (Phase::Idle, after(Instant::now(), settings.idle_timeout))
+                };
+                match self.wait_for_request(deadline).await {
+                    Some(Ok(Wait::Readable)) => {}
+                    Some(Ok(Wait::Drain)) => return Ok(()),
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(self.timed_out(phase)),
+                }
+            }
+            // 2. Read the head: the header-read deadline runs from accept for the first request,
+            //    from its first byte for the others.
+            let start = if first { accepted } else { Instant::now() };
+            first = false;
+            self.deadline
+                .set(after(start, settings.header_read_timeout));
+            let head = match self.read_head().await {
+                Ok(Some(head)) => head,
+                Ok(None) => return Ok(()),
+                Err(HeadError::Invalid(e)) => {
+                    self.reject(e);
+                    self.linger().await;
+                    return Ok(());
+                }
+                Err(HeadError::TimedOut { partial }) => {
+                    let e = self.timed_out(Phase::HeaderRead);
+                    if partial {
+                        ctx.metrics.response(408);
+                        let message =
+                            "the request head took longer than the server's header read timeout";
+                        encode::encode_error(
+                            &mut self.out,
+                            StatusCode::REQUEST_TIMEOUT,
+                            message,
+                            &date(),
+                        );
+                        self.linger().await;
+                    }
+                    return Err(e);
+                }
+                Err(HeadError::Io(e)) => return Err(e.into()),
+            };
+            // 3. The exchange, under the write deadline.
+            match self.exchange(head).await? {
+                Next::KeepAlive => {}
+                Next::Linger => {
+                    self.linger().await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Counts and logs an expired timeout; returns the error that closes the connection.
+    fn timed_out(&self, phase: Phase) -> Error {
+        self.ctx.metrics.timed_out(phase);
+        let e = Error::TimedOut(phase);
+        log::debug!("{}: {e}", self.peer);
+        e
+    }
+
+    /// Waits until the socket is readable, the deadline passes (`None`), or the drain starts.
+    async fn wait_for_request(&mut self, deadline: Option<Instant>) -> Option<io::Result<Wait>> {
+        debug_assert!(self.out.is_empty(), "waiting with unsent responses");
+        // An idle connection holds no buffer.
+        self.shared.lock().buf.release();
+        self.deadline.set(deadline);
+        let close_idle = &self.ctx.close_idle;
+        if close_idle.is_set() {
+            return Some(Ok(Wait::Drain));
+        }
+        let drain = self.drain.get_or_insert_with(|| close_idle.listen());
+        if close_idle.is_set() {
+            return Some(Ok(Wait::Drain));
+        }
+        let shared = &self.shared;
+        let readable = poll_fn(|cx| shared.io.poll_readable(cx).map_ok(|()| Wait::Readable));
+        let drained = async {
+            drain.await;
+            Ok(Wait::Drain)
+        };
+        self.deadline.race(readable.or(drained)).await
+    }
+
+    /// Reads until a whole head parses. `Ok(None)`: the client closed (or the head is
+    /// incomplete at end of stream) and gets no answer.
+    async fn read_head(&mut self) -> Result<Option<Head>, HeadError> {
+        let limits = self.ctx.settings.limits;
+        let mut scanner = HeadScanner::default();
+        loop {
+            {
+                let mut st = self.shared.lock();
+                let skip = decode::leading_empty_lines(st.buf.filled());
+                st.buf.consume(skip);
+                if skip > 0 {
+                    scanner = HeadScanner::default();
+                }
+                if scanner.ready(st.buf.filled(), limits.max_head_bytes) {
+                    match decode::parse_head(st.buf.filled(), limits) {
+                        Ok(Some((head, len))) => {
+                            st.buf.consume(len);
+                            return Ok(Some(head));
+                        }
+                        Ok(None) => {}
+                        Err(e) => return Err(HeadError::Invalid(e)),
+                    }
+                }
+                if st.eof {
+                    return Ok(None);
+                }
+            }
+            // Never wait for input while holding responses the client may be waiting for.
+            let Conn {
+                shared,
+                out,
+                deadline,
+                ..
+            } = self;
+            let timed_out = || HeadError::TimedOut {
+                partial: !shared.lock().buf.is_empty(),
+            };
+            if !out.is_empty() {
+                match deadline.race(flush(&shared.io, out)).await {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => return Err(HeadError::Io(e)),
+                    None => return Err(timed_out()),
+                }
+            }
+            match deadline.race(poll_fn(|cx| shared.poll_fill(cx))).await {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(HeadError::Io(e)),
+                None => return Err(timed_out()),
+            }
+        }
+    }
+
+    /// Answers a request the codec refused, and counts it.
+    fn reject(&mut self, e: DecodeError) {
+        let status = decode_status(&e);
+        log::debug!(
+            "{}: refused a request with {status}: {}",
+            self.peer,
+            e.reason()
+        );
+        self.ctx.metrics.rejected(Reject::from(&e));
+        self.ctx.metrics.response(status.as_u16());
+        encode::encode_error(&mut self.out, status, e.reason(), &date());
+    }
+
+    /// Runs one exchange (body, handler, response) under the write deadline, catching panics.
+    async fn exchange(&mut self, head: Head) -> Result<Next, Error> {
+        let started = Instant::now();
+        let ctx = self.ctx;
+        let metrics = &ctx.metrics;
+        metrics.request_started();
+        self.deadline
+            .set(after(started, ctx.settings.write_timeout));
+        let mut progress = Progress::default();
+        let Conn {
+            shared,
+            deadline,
+            out,
+            ..
+        } = self;
+        let work = Box::pin(
+            AssertUnwindSafe(respond(shared, out, ctx, head, &mut progress)).catch_unwind(),
+        );
+        let outcome = deadline.race(work).await;
+        // The request body, if still held somewhere, can no longer be read.
+        self.shared.lock().request += 1;
+        let result = match outcome {
+            Some(Ok(result)) => result,
+            Some(Err(panic)) => {
+                metrics.panicked();
+                let peer = self.peer;
+                log::error!(
+                    "{peer}: handler panicked: {}; answering 500 and closing",
+                    panic_message(&panic)
+                );
+                if !progress.head_written {
+                    progress.status = Some(500);
+                    let message = "internal server error (the handler panicked)";
+                    encode::encode_error(
+                        &mut self.out,
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        message,
+                        &date(),
+                    );
+                }
+                Ok(Next::Linger)
+            }
+            None => {
+                let e = self.timed_out(Phase::Write);
+                if progress.head_written {
+                    // Part of the response may be out: all that is left is to close.
+                    metrics.request_finished(progress.status, started.elapsed());
+                    return Err(e);
+                }
+                progress.status = Some(503);
+                let message = "the request took longer than the server's write timeout";
+                encode::encode_error(
+                    &mut self.out,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    message,
+                    &date(),
+                );
+                Ok(Next::Linger)
+            }
+        };
+        metrics.request_finished(progress.status, started.elapsed());
+        result
+    }
+
+    /// Flushes what is left, stops sending, and reads (discarding) until the client closes,
+    /// [`LINGER`] passes or [`LINGER_BYTES`] arrive; then the connection closes.
+    async fn linger(&mut self) {
+        self.deadline.set(Some(Instant::now() + LINGER));
+        let Conn {
+            shared,
+            out,
+            deadline,
+            ..
+        } = self;
+        if !matches!(deadline.race(flush(&shared.io, out)).await, Some(Ok(()))) {
+            return;
+        }
+        shared.io.shutdown_write();
+        let discard = async {
+            let mut total = 0;
+            while total < LINGER_BYTES {
+                shared.lock().buf.clear();
+                match poll_fn(|cx| shared.poll_fill(cx)).await {
+                    Ok(n) if n > 0 => total += n,
+                    _ => break,
+                }
+            }
+        };
+        deadline.race(discard).await;
+    }
+}
+
+/// Why reading a head stopped without one.
+enum HeadError {
+    /// The codec refused it.
+    Invalid(DecodeError),
+    /// The header-read deadline passed; `partial` if any byte of the request had arrived.
+    TimedOut {
+        /// Whether to answer 408 (something arrived) or close silently.
+        partial: bool,
+    },
+    /// The socket failed.
+    Io(io::Error),
+}
+
+/// What an exchange left behind when it ended, even if cut short.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Whether any of the response head went into the output buffer.
+    head_written: bool,
+    /// The status sent, for metrics.
+    status: Option<u16>,
+}
+
+/// One exchange: hand the request to the handler, decide the framing, write the response, and
+/// drain what the handler left of the request body. Every await here is under the write
+/// deadline, and the whole future is dropped if it passes.
+async fn respond<I: Io, H: Handler>(
+    shared: &Arc<Shared<I>>,
+    out: &mut Vec<u8>,
+    ctx: &Context<H>,
+    head: Head,
+    progress: &mut Progress,
+) -> Result<Next, Error> {
+    let Head {
+        method,
+        uri,
+        version,
+        headers,
+        body: length,
+        keep_alive,
+        expect_continue,
+    } = head;
+    let request = {
+        let mut st = shared.lock();
+        st.request += 1;
+        st.body = BodyDecoder::new(length);
+        st.expect = if expect_continue {
+            Continue::Waiting
+        } else {
+            Continue::None
+        };
+        st.head_started = false;
+        st.request
+    };
+    let body = match length {
+        BodyLength::Length(0) => Body::empty(),
+        BodyLength::Length(n) => Body::incoming(
+            Incoming {
+                source: shared.clone(),
+                request,
+                remaining: Some(n),
+            },
+            ctx.settings.max_body_bytes,
+        ),
+        BodyLength::Chunked => Body::incoming(
+            Incoming {
+                source: shared.clone(),
+                request,
+                remaining: None,
+            },
+            ctx.settings.max_body_bytes,
+        ),
+    };
+    let is_head = method == Method::HEAD;
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    *req.headers_mut() = headers;
+
+    // 1. The handler. The body's 100 Continue is written by the body itself, so nothing else
+    //    may be waiting in `out` then; otherwise pipelined responses leave as soon as the
+    //    handler has to wait.
+    if expect_continue {
+        flush(&shared.io, out).await?;
+    }
+    let mut handler = pin!(ctx.handler.call(req));
+    let response = match poll_once(handler.as_mut()).await {
+        Some(response) => response,
+        None => {
+            flush(&shared.io, out).await?;
+            handler.await
+        }
+    };
+
+    // 2. A request body with broken framing leaves the connection unusable: answer 400
+    //    whatever the handler said (it saw the error reading the body).
+    if let Some(e) = shared.lock().error {
+        drop(response);
+        progress.head_written = true;
+        progress.status = Some(400);
+        ctx.metrics.rejected(Reject::from(&e));
+        encode::encode_error(out, StatusCode::BAD_REQUEST, e.reason(), &date());
+        return Ok(Next::Linger);
+    }
+
+    // 3. Framing (RFC 9112 §6.1-6.3) and persistence (§9.3).
+    let (parts, mut body) = response.into_parts();
+    let status = parts.status;
+    let declared = declared_length(&parts.headers);
+    let mut close = !keep_alive || asks_close(&parts.headers) || status.is_informational();
+    let bodiless = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let (content_length, chunked, send_body) = if bodiless {
+        (
+            declared.filter(|_| status == StatusCode::NOT_MODIFIED),
+            false,
+            false,
+        )
+    } else if is_head {
+        let length = match body.len() {
+            Some(n) if n > 0 => Some(n),
+            known => declared.or(known),
+        };
+        (length, false, false)
+    } else {
+        match body.len().or(declared) {
+            Some(n) => (Some(n), false, true),
+            None if version == Version::HTTP_11 => (None, true, true),
+            None => {
+                close = true; // HTTP/1.0: the end of the body is the end of the connection
+                (None, false, true)
+            }
+        }
+    };
+    let echo = body.incoming_request() == Some(request) && send_body;
+    {
+        let mut st = shared.lock();
+        let pipelined = st.body.is_done() && !st.buf.is_empty();
+        if ctx.close_responses.is_set() && !pipelined {
+            // Shutting down: this is the last response, unless more requests are already here.
+            close = true;
+        }
+        if !st.body.is_done() {
+            match st.expect {
+                // The response streams the body back: ask for it before the head.
+                Continue::Waiting if echo => {
+                    out.extend_from_slice(CONTINUE);
+                    st.expect = Continue::Sent;
+                }
+                // Finish a 100 Continue the body started writing.
+                Continue::Sending(n) => {
+                    out.extend_from_slice(&CONTINUE[n..]);
+                    st.expect = Continue::Sent;
+                }
+                // The client holds its body back and was never asked for it.
+                Continue::Waiting => close = true,
+                _ => {}
+            }
+            if !echo && st.body.remaining().is_some_and(|n| n > DRAIN_LIMIT) {
+                close = true;
+            }
+        }
+        st.head_started = true;
+    }
+    let connection = if close {
+        Connection::Close
+    } else if version == Version::HTTP_10 {
+        Connection::KeepAlive
+    } else {
+        Connection::Default
+    };
+    let date = date();
+    encode::encode_head(
+        out,
+        &ResponseHead {
+            status,
+            headers: &parts.headers,
+            content_length,
+            chunked,
+            connection,
+            date: (!parts.headers.contains_key(header::DATE)).then_some(&date),
+        },
+    );
+    progress.head_written = true;
+    progress.status = Some(status.as_u16());
+
+    // 4. The body.
+    if send_body {
+        match body.take_full() {
+            Some(bytes) if bytes.len() <= INLINE_BODY => out.extend_from_slice(&bytes),
+            Some(bytes) => {
+                write_all(&shared.io, out, &bytes).await?;
+            }
+            None => {
+                if !write_stream(&shared.io, out, &mut body, content_length, chunked).await? {
+                    close = true;
+                }
+            }
+        }
+    }
+    drop(body);
+
+    // 5. Drain what the handler left of the request body, so the connection can be reused.
+    if !close && !matches!(drain_body(shared).await, Ok(true)) {
+        close = true;
+    }
+
+    // 6. Flush, unless the next pipelined request is already here and little is waiting.
+    let pipelined = {
+        let st = shared.lock();
+        st.body.is_done() && !st.buf.is_empty()
+    };
+    if close || !pipelined || out.len() >= FLUSH_AT {
+        flush(&shared.io, out).await?;
+    }
+    Ok(if close { Next::Linger } else { Next::KeepAlive })
+}
+
+/// The handler's `Content-Length`, if it set a valid one.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether the handler's `Connection` field says `close`.
+fn asks_close(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+    })
+}
+
+/// Streams `body` after the head in `out`: chunked, or exactly `length` bytes. Returns false
+/// if the body did not match its declared length (the connection must close).
+async fn write_stream<I: Io>(
+    io: &I,
+    out: &mut Vec<u8>,
+    body: &mut Body,
+    length: Option<u64>,
+    chunked: bool,
+) -> Result<bool, Error> {
+    let mut chunk = vec![0u8; STREAM_CHUNK];
+    let mut left = length;
+    loop {
+        let want = left
+            .map_or(chunk.len(), |left| (left.min(chunk.len() as u64)) as usize)
+            .max(1);
+        let n = poll_fn(|cx| body.poll_read_body(cx, &mut chunk[..want])).await?;
+        if n == 0 {
+            break;
+        }
+        if let Some(left) = &mut left {
+            if n as u64 > *left {
+                log::error!(
+                    "response body is longer than its Content-Length; closing the connection"
+                );
+                flush(io, out).await?;
+                return Ok(false);
+            }
+            *left -= n as u64;
+            write_all(io, out, &chunk[..n]).await?;
+        } else if chunked {
+            encode::encode_chunk_size(out, n);
+            out.extend_from_slice(&chunk[..n]);
+            out.extend_from_slice(CRLF);
+            flush(io, out).await?;
+        } else {
+            write_all(io, out, &chunk[..n]).await?;
+        }
+    }
+    if chunked {
+        out.extend_from_slice(LAST_CHUNK);
+    }
+    if left.is_some_and(|left| left > 0) {
+        log::error!("response body is shorter than its Content-Length; closing the connection");
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// Reads and discards the rest of the request body, up to [`DRAIN_LIMIT`] bytes. Returns
+/// whether the body ended (the connection can be reused).
+async fn drain_body<I: Io>(shared: &Shared<I>) -> Result<bool, Error> {
+    let mut budget = DRAIN_LIMIT;
+    loop {
+        let drained = poll_fn(|cx| {
+            let mut st = shared.lock();
+            shared.poll_decode(&mut st, cx, None, budget)
+        })
+        .await?;
+        if drained == 0 {
+            return Ok(true);
+        }
+        budget = budget.saturating_sub(drained as u64);
+        if budget == 0 {
+            return Ok(shared.lock().body.is_done());
+        }
+    }
+}
+
+/// Writes all of `out`, emptying it as bytes leave (so a cancelled flush never resends).
+async fn flush<I: Io>(io: &I, out: &mut Vec<u8>) -> io::Result<()> {
+    write_all(io, out, &[]).await
+}
+
+/// Writes `out`, then `tail`, with vectored writes; empties `out`.
+async fn write_all<I: Io>(io: &I, out: &mut Vec<u8>, tail: &[u8]) -> io::Result<()> {
+    let mut tail_written = 0;
+    while !out.is_empty() || tail_written < tail.len() {
+        let bufs = [IoSlice::new(out), IoSlice::new(&tail[tail_written..])];
+        let n = poll_fn(|cx| io.poll_write_vectored(cx, &bufs)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let from_out = n.min(out.len());
+        out.drain(..from_out);
+        tail_written += n - from_out;
+    }
+    Ok(())
+}
+
+/// `start + timeout`, or no deadline.
+fn after(start: Instant, timeout: Option<Duration>) -> Option<Instant> {
+    timeout.and_then(|t| start.checked_add(t))
+}
+
+/// The current `Date` value, formatted at most once a second per thread.
+fn date() -> [u8; DATE_LEN] {
+    thread_local! {
+        static CACHE: std::cell::Cell<(u64, [u8; DATE_LEN])> = const { std::cell::Cell::new((0, [0; DATE_LEN])) };
+    }
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    CACHE.with(|cache| {
+        let (secs, text) = cache.get();
+        if secs == now && now != 0 {
+            return text;
+        }
+        let text = encode::encode_date(now);
+        cache.set((now, text));
+        text
+    })
+}
+
+/// The message of a caught panic.
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+/// One timer per connection. A phase sets a deadline; the timer is (re)registered with the
+/// reactor only when a phase has to wait, so phases that finish at once cost no timer work.
+struct Deadline {
+    /// The timer.
+    timer: Timer,
+    /// The current phase's deadline.
+    when: Option<Instant>,
+    /// The deadline the timer is set to.
+    armed: Option<Instant>,
+}
+
+impl Default for Deadline {
+    fn default() -> Self {
+        Deadline {
+            timer: Timer::never(),
+            when: None,
+            armed: None,
+        }
+    }
+}
+
+impl Deadline {
+    /// Starts a phase with this deadline (`None`: no timeout).
+    fn set(&mut self, when: Option<Instant>) {
+        self.when = when;
+        if when.is_none() && self.armed.is_some() {
+            self.timer.clear();
+            self.armed = None;
+        }
+    }
+
+    /// Runs `work` until it finishes (`Some`) or the deadline passes (`None`, and `work` is
+    /// dropped). Work that finishes in the same poll as the timer wins.
+    async fn race<T>(&mut self, work: impl Future<Output = T>) -> Option<T> {
+        let expired = poll_fn(|cx| {
+            let Some(when) = self.when else {
+                return Poll::Pending;
+            };
+            if self.armed != Some(when) {
+                self.timer.set_at(when);
+                self.armed = Some(when);
+            }
+            Pin::new(&mut self.timer).poll(cx).map(|_| None)
+        });
+        async { Some(work.await) }.or(expired).await
+    }
+}
+
+/// Whether a `100 Continue` is owed to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Continue {
+    /// Nothing was expected, or it has been dealt with.
+    None,
+    /// The client waits for `100 Continue` before sending the body; nothing sent yet.
+    Waiting,
+    /// This many bytes of it were written.
+    Sending(usize),
+    /// It was sent.
+    Sent,
+}
+
+/// A connection's stream and read side, shared by the loop and the current request body.
+struct Shared<I> {
+    /// The stream.
+    io: I,
+    /// Read state; locked briefly for each read, never across an await.
+    state: Mutex<ReadState>,
+}
+
+/// The read side of a connection.
+struct ReadState {
+    /// Bytes read and not yet consumed.
+    buf: ReadBuf,
+    /// Framing of the current request body.
+    body: BodyDecoder,
+    /// Number of the current request; bodies of other requests may not read.
+    request: u64,
+    /// Whether a `100 Continue` is owed.
+    expect: Continue,
+    /// Whether the response head has been encoded (no `100 Continue` after that).
+    head_started: bool,
+    /// The body's framing broke: the connection cannot be reused.
+    error: Option<DecodeError>,
+    /// The client closed its sending side.
+    eof: bool,
+}
+
+impl<I: Io> Shared<I> {
+    /// Locks the read state; a poisoned lock (a panic elsewhere) is still consistent.
+    fn lock(&self) -> MutexGuard<'_, ReadState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reads more bytes into the buffer; `Ok(0)` at end of stream.
+    fn poll_fill(&self, cx: &mut TaskContext<'_>) -> Poll<io::Result<usize>> {
+        let mut st = self.lock();
+        self.poll_fill_locked(&mut st, cx)
+    }
+
+    /// [`Shared::poll_fill`] with the lock held.
+    fn poll_fill_locked(
+        &self,
+        st: &mut ReadState,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<io::Result<usize>> {
+        if st.eof {
+            return Poll::Ready(Ok(0));
+        }
+        let n = ready!(self.io.poll_read(cx, st.buf.spare(READ_CHUNK)))?;
+        st.buf.filled_by(n);
+        st.eof = n == 0;
+        Poll::Ready(Ok(n))
+    }
+
+    /// Writes what is owed of `100 Continue` before the first body read.
+    fn poll_continue(&self, st: &mut ReadState, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let sent = match st.expect {
+                Continue::Waiting if !st.head_started => 0,
+                Continue::Sending(sent) if !st.head_started => sent,
+                _ => return Poll::Ready(Ok(())),
+            };
+            let n = ready!(self
+                .io
+                .poll_write_vectored(cx, &[IoSlice::new(&CONTINUE[sent..])]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            st.expect = if sent + n == CONTINUE.len() {
+                Continue::Sent
+            } else {
+                Continue::Sending(sent + n)
+            };
+        }
+    }
+
+    /// Reads body bytes into `out`, or (with `out: None`) discards up to `max` of them.
+    /// Returns how many; 0 at the end of the body.
+    fn poll_decode(
+        &self,
+        st: &mut ReadState,
+        cx: &mut TaskContext<'_>,
+        mut out: Option<&mut [u8]>,
+        max: u64,
+    ) -> Poll<Result<usize, Error>> {
+        let max = out
+            .as_ref()
+            .map_or(max.min(usize::MAX as u64) as usize, |o| o.len());
+        loop {
+            if let Some(e) = st.error {
+                return Poll::Ready(Err(Error::BadRequest(e.reason())));
+            }
+            if st.body.is_done() || max == 0 {
+                return Poll::Ready(Ok(0));
+            }
+            if !st.buf.is_empty() {
+                match st.body.decode(st.buf.filled(), max) {
+                    Err(e) => {
+                        st.error = Some(e);
+                        continue;
+                    }
+                    Ok(step) => {
+                        let n = step.data.len();
+                        if let Some(out) = out.as_mut() {
+                            out[..n].copy_from_slice(&st.buf.filled()[step.data]);
+                        }
+                        st.buf.consume(step.consumed);
+                        if n > 0 {
+                            return Poll::Ready(Ok(n));
+                        }
+                        if step.consumed > 0 {
+                            continue;
+                        }
+                    }
+                }
+            }
+            if st.eof {
+                let e = io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the client closed the connection before sending the whole request body",
+                );
+                return Poll::Ready(Err(Error::Io(e)));
+            }
+            // A Content-Length body with nothing buffered goes straight to the caller.
+            if let (Some(out), BodyDecoder::Length(remaining)) = (out.as_mut(), &mut st.body) {
+                let want = (*remaining).min(out.len() as u64) as usize;
+                let n = ready!(self.io.poll_read(cx, &mut out[..want]))?;
+                if n == 0 {
+                    st.eof = true;
+                    continue;
+                }
+                *remaining -= n as u64;
+                return Poll::Ready(Ok(n));
+            }
+            ready!(self.poll_fill_locked(st, cx))?;
+        }
+    }
+}
+
+impl<I: Io> Source for Shared<I> {
+    fn poll_body(
+        &self,
+        cx: &mut TaskContext<'_>,
+        buf: &mut [u8],
+        request: u64,
+    ) -> Poll<Result<usize, Error>> {
+        let mut st = self.lock();
+        if st.request != request {
+            let e = io::Error::other("request body read after its exchange ended");
+            return Poll::Ready(Err(Error::Io(e)));
+        }
+        if !st.body.is_done() && !buf.is_empty() {
+            ready!(self.poll_continue(&mut st, cx))?;
+        }
+        self.poll_decode(&mut st, cx, Some(buf), 0)
+    }
+}
+
+/// A read buffer: `data[start..end]` holds unconsumed bytes. Reads go into the initialized
+/// tail, so no read pays for zeroing; an idle connection gives the memory back.
+#[derive(Default)]
+struct ReadBuf {
+    /// Storage; its whole length is initialized.
+    data: Vec<u8>,
+    /// First unconsumed byte.
+    start: usize,
+    /// End of the read bytes.
+    end: usize,
+}
+
+impl ReadBuf {
+    /// The unconsumed bytes.
+    fn filled(&self) -> &[u8] {
+        &self.data[self.start..self.end]
+    }
+
+    /// Whether nothing is buffered.
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    /// Marks `n` bytes consumed.
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Drops everything buffered.
+    fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+    }
+
+    /// Room for at least `min` more bytes, moving or growing the storage if needed.
+    fn spare(&mut self, min: usize) -> &mut [u8] {
+        if self.data.len() - self.end < min {
+            if self.start > 0 {
+                self.data.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            if self.data.len() - self.end < min {
+                let len = (self.data.len() * 2).max(self.end + min);
+                self.data.resize(len, 0);
+            }
+        }
+        &mut self.data[self.end..]
+    }
+
+    /// Marks `n` more bytes as read into the spare room.
+    fn filled_by(&mut self, n: usize) {
+        self.end += n;
+    }
+
+    /// Frees the storage if nothing is buffered.
+    fn release(&mut self) {
+        if self.is_empty() {
+            self.data = Vec::new();
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! Listening and accepting: one task and one drain guard per connection, run on a pool of
+//! executor threads.
+
+pub(crate) mod conn;
+
+use std::net::{SocketAddr, TcpListener};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_executor::Executor;
+use async_io::{Async, Timer};
+use futures_lite::FutureExt;
+
+use crate::error::{Error, Result};
+use crate::handler::Handler;
+use crate::shutdown::{Counter, Latch};
+use conn::Context;
+
+/// First pause after a failed accept (EMFILE, ENFILE, ENOBUFS, ECONNABORTED, ...).
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+
+/// Longest pause between failed accepts; the pause doubles up to this.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// A bound listening socket.
+pub(crate) struct Listener {
+    /// `"service"` or `"debug"`, for logs and errors.
+    name: &'static str,
+    /// The socket.
+    inner: Async<TcpListener>,
+    /// The address it is bound to (port 0 resolved).
+    addr: SocketAddr,
+}
+
+impl Listener {
+    /// Binds `addr`; the error names the server and the address.
+    pub(crate) fn bind(name: &'static str, addr: SocketAddr) -> Result<Listener> {
+        let bind_error = |source| Error::Bind {
+            server: name,
+            addr,
+            source,
+        };
+        let listener = TcpListener::bind(addr).map_err(bind_error)?;
+        let addr = listener.local_addr().map_err(bind_error)?;
+        let inner = Async::new(listener).map_err(bind_error)?;
+        Ok(Listener { name, inner, addr })
+    }
+
+    /// The bound address.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// A listener, the context its connections share, and the count of open connections.
+pub(crate) struct Server<H> {
+    /// Where connections come from.
+    listener: Listener,
+    /// What every connection shares.
+    ctx: Arc<Context<H>>,
+    /// Open connections: the drain waits for zero, `max_connections` for room.
+    connections: Counter,
+    /// See `Config::max_connections`.
+    max_connections: Option<usize>,
+}
+
+impl<H: Handler> Server<H> {
+    /// A server that will accept on `listener`.
+    pub(crate) fn new(
+        listener: Listener,
+        ctx: Context<H>,
+        max_connections: Option<usize>,
+    ) -> Server<H> {
+        Server {
+            listener,
+            ctx: Arc::new(ctx),
+            connections: Counter::default(),
+            max_connections,
+        }
+    }
+
+    /// The open-connection counter.
+    pub(crate) fn connections(&self) -> Counter {
+        self.connections.clone()
+    }
+
+    /// Accepts connections onto `ex` until the context's `close_idle` latch is set, closes the
+    /// listener (new connections are refused from then on), and resolves once every
+    /// connection has closed.
+    pub(crate) async fn run(self, ex: Arc<Executor<'static>>) {
+        let Server {
+            listener,
+            ctx,
+            connections,
+            max_connections,
+        } = self;
+        let name = listener.name;
+        let spawner = Arc::downgrade(&ex);
+        let accepting = ex.spawn(accept_loop(
+            listener,
+            ctx.clone(),
+            connections.clone(),
+            max_connections,
+            spawner,
+        ));
+        accepting.await;
+        let open = connections.count();
+        if open > 0 {
+            log::info!("{name} server: listener closed; draining {open} connection(s)");
+        }
+        connections.wait_below(1).await;
+        log::info!("{name} server: drained");
+    }
+}
+
+/// Accepts until the drain starts. Accept errors never end the loop: it backs off and retries.
+async fn accept_loop<H: Handler>(
+    listener: Listener,
+    ctx: Arc<Context<H>>,
+    connections: Counter,
+    max_connections: Option<usize>,
+    // Weak: a task holding its own executor would keep it, and every task, alive forever.
+    ex: Weak<Executor<'static>>,
+) {
+    let stop = ctx.close_idle.clone();
+    let mut backoff = None;
+    log::info!(
+        "{} server: listening on http://{}",
+        listener.name,
+        listener.addr
+    );
+    loop {
+        // Check, listen, re-check; the listener then serves every wait in this iteration.
+        let mut closing = stop.listen();
+        if stop.is_set() {
+            break;
+        }
+        // With max_connections reached, leave new connections in the backlog.
+        if let Some(max) = max_connections {
+            if !matches!(room(&connections, max, &mut closing).await, Some(())) {
+                break;
+            }
+        }
+        let accepted = async { Some(listener.inner.accept().await) }.or(async {
+            (&mut closing).await;
+            None
+        });
+        match accepted.await {
+            None => break,
+            Some(Ok((stream, peer))) => {
+                let Some(ex) = ex.upgrade() else { break };
+                backoff = None;
+                let _ = stream.get_ref().set_nodelay(true);
+                ctx.metrics.accepted();
+                let guard = connections.guard();
+                let ctx = ctx.clone();
+                ex.spawn(async move {
+                    let _guard = guard;
+                    if AssertUnwindSafe(conn::serve(stream, peer, &ctx))
+                        .catch_unwind()
+                        .await
+                        .is_err()
+                    {
+                        log::error!("{peer}: connection task panicked; connection closed");
+                    }
+                })
+                .detach();
+            }
+            Some(Err(e)) => {
+                let pause = backoff.map_or(ACCEPT_BACKOFF_MIN, |d: Duration| {
+                    (d * 2).min(ACCEPT_BACKOFF_MAX)
+                });
+                backoff = Some(pause);
+                log::warn!(
+                    "{} server: accept failed: {e}; retrying in {pause:?}",
+                    listener.name
+                );
+                let slept = async {
+                    Timer::after(pause).await;
+                    true
+                };
+                if !slept
+                    .or(async {
+                        (&mut closing).await;
+                        false
+                    })
+                    .await
+                {
+                    break;
+                }
+            }
+        }
+    }
+    log::info!("{} server: stopped accepting", listener.name);
+}
+
+/// Waits until fewer than `max` connections are open (`Some`), or the drain starts (`None`).
+async fn room(
+    connections: &Counter,
+    max: usize,
+    closing: &mut event_listener::EventListener,
+) -> Option<()> {
+    async { Some(connections.wait_below(max).await) }
+        .or(async {
+            closing.await;
+            None
+        })
+        .await
+}
+
+/// The threads that run connection tasks: each drives the reactor and the shared executor.
+pub(crate) struct Workers {
+    /// The executor every connection task is spawned on.
+    ex: Arc<Executor<'static>>,
+    /// Tells the threads to return.
+    stop: Latch,
+    /// Threads still running.
+    running: Counter,
+}
+
+impl Workers {
+    /// Starts `threads` threads.
+    pub(crate) fn start(threads: usize) -> Result<Workers> {
+        let workers = Workers {
+            ex: Arc::new(Executor::new()),
+            stop: Latch::default(),
+            running: Counter::default(),
+        };
+        for i in 0..threads.max(1) {
+            let ex = workers.ex.clone();
+            let stop = workers.stop.clone();
+            let running = workers.running.guard();
+            std::thread::Builder::new()
+                .name(format!("servicegroup-{i}"))
+                .spawn(move || {
+                    async_io::block_on(ex.run(stop.wait()));
+                    // The executor goes before the guard, so the last reference is dropped
+                    // by `stop`, which thereby cancels every task still running.
+                    drop(ex);
+                    drop(running);
+                })
+                .map_err(Error::Io)?;
+        }
+        Ok(workers)
+    }
+
+    /// The executor.
+    pub(crate) fn executor(&self) -> &Arc<Executor<'static>> {
+        &self.ex
+    }
+
+    /// Stops the threads and drops every task still on the executor (closing its connection).
+    pub(crate) async fn stop(self) {
+        self.stop.set();
+        self.running.wait_below(1).await;
+        drop(self.ex);
+    }
+}

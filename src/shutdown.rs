@@ -1,0 +1,203 @@
+//! Stop signals and the in-flight counter. Nothing here knows about HTTP.
+//!
+//! A [`Latch`] is a one-shot signal any number of tasks can wait for. A [`Counter`] counts
+//! RAII [`Guard`]s (one per open connection) and lets a task wait until the count drops below
+//! a bound: below 1 is "drained", below `max_connections` is "room to accept". Guards delay
+//! completion, never the signal: starting a shutdown never waits for anything.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use event_listener::{Event, EventListener};
+
+/// A one-shot signal: once set it stays set, and every waiter wakes.
+#[derive(Clone, Default)]
+pub(crate) struct Latch(Arc<LatchInner>);
+
+/// The flag and the waiters of a [`Latch`].
+#[derive(Default)]
+struct LatchInner {
+    /// Set once, never cleared.
+    set: AtomicBool,
+    /// Woken when `set` becomes true.
+    event: Event,
+}
+
+impl Latch {
+    /// Sets the latch; returns whether this call was the one that set it.
+    pub(crate) fn set(&self) -> bool {
+        let first = !self.0.set.swap(true, Ordering::SeqCst);
+        if first {
+            self.0.event.notify(usize::MAX);
+        }
+        first
+    }
+
+    /// Whether the latch is set.
+    pub(crate) fn is_set(&self) -> bool {
+        self.0.set.load(Ordering::SeqCst)
+    }
+
+    /// Registers interest before a later [`Latch::is_set`] check, so that no wake-up is lost
+    /// between checking and waiting. A listener stays valid until the latch is set, so a
+    /// connection can keep one for its whole life.
+    pub(crate) fn listen(&self) -> EventListener {
+        self.0.event.listen()
+    }
+
+    /// Resolves once the latch is set: check, listen, re-check, await.
+    pub(crate) fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
+        let latch = self.clone();
+        async move {
+            while !latch.is_set() {
+                let listener = latch.listen();
+                if latch.is_set() {
+                    break;
+                }
+                listener.await;
+            }
+        }
+    }
+}
+
+/// A handle to start a graceful shutdown from code, and to observe one.
+///
+/// Get it from [`Group::shutdown`](crate::Group::shutdown). Starting a shutdown is what
+/// SIGINT and SIGTERM do: readiness turns to 503 at once, then (after
+/// `Config::drain_delay`) the listener closes, idle connections close, and requests in flight
+/// finish. Cloning is cheap; every clone controls the same group.
+#[derive(Clone, Default)]
+pub struct Shutdown {
+    /// Set when shutdown starts.
+    latch: Latch,
+}
+
+impl Shutdown {
+    /// Starts a graceful shutdown. Idempotent; returns immediately.
+    pub fn start(&self) {
+        if self.latch.set() {
+            log::info!("graceful shutdown started");
+        }
+    }
+
+    /// Whether a shutdown has started.
+    pub fn is_started(&self) -> bool {
+        self.latch.is_set()
+    }
+
+    /// Resolves once a shutdown has started. Group members await it to clean up and return.
+    pub fn started(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.latch.wait()
+    }
+
+    /// The latch behind this handle.
+    pub(crate) fn latch(&self) -> &Latch {
+        &self.latch
+    }
+}
+
+impl std::fmt::Debug for Shutdown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shutdown")
+            .field("started", &self.is_started())
+            .finish()
+    }
+}
+
+/// Counts live [`Guard`]s.
+#[derive(Clone, Default)]
+pub(crate) struct Counter(Arc<CounterInner>);
+
+/// The count and its waiters.
+#[derive(Default)]
+struct CounterInner {
+    /// Live guards.
+    count: AtomicUsize,
+    /// Woken whenever a guard drops.
+    dropped: Event,
+}
+
+/// Keeps a [`Counter`] one higher while it lives. Take it first thing in a task so that
+/// every way out of the task, panics and cancellation included, releases it.
+pub(crate) struct Guard(Arc<CounterInner>);
+
+impl Counter {
+    /// Takes a guard.
+    pub(crate) fn guard(&self) -> Guard {
+        self.0.count.fetch_add(1, Ordering::SeqCst);
+        Guard(self.0.clone())
+    }
+
+    /// Live guards now.
+    pub(crate) fn count(&self) -> usize {
+        self.0.count.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once fewer than `bound` guards are live: check, listen, re-check, await.
+    pub(crate) async fn wait_below(&self, bound: usize) {
+        while self.count() >= bound {
+            let listener = self.0.dropped.listen();
+            if self.count() < bound {
+                break;
+            }
+            listener.await;
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::SeqCst);
+        self.0.dropped.notify(usize::MAX);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_lite::future::{block_on, poll_once};
+
+    #[test]
+    fn latch_wakes_every_waiter_and_stays_set() {
+        let latch = Latch::default();
+        let mut a = Box::pin(latch.wait());
+        let mut b = Box::pin(latch.wait());
+        assert!(block_on(poll_once(&mut a)).is_none());
+        assert!(block_on(poll_once(&mut b)).is_none());
+        assert!(latch.set());
+        assert!(!latch.set());
+        block_on(a);
+        block_on(b);
+        block_on(latch.wait());
+    }
+
+    #[test]
+    fn counter_waits_for_the_bound() {
+        let counter = Counter::default();
+        block_on(counter.wait_below(1));
+        let g1 = counter.guard();
+        let g2 = counter.guard();
+        assert_eq!(counter.count(), 2);
+        let mut drained = Box::pin(counter.wait_below(1));
+        let mut room = Box::pin(counter.wait_below(2));
+        assert!(block_on(poll_once(&mut drained)).is_none());
+        assert!(block_on(poll_once(&mut room)).is_none());
+        drop(g1);
+        block_on(room);
+        assert!(block_on(poll_once(&mut drained)).is_none());
+        drop(g2);
+        block_on(drained);
+    }
+
+    #[test]
+    fn shutdown_handle_is_shared_by_clones() {
+        let a = Shutdown::default();
+        let b = a.clone();
+        let mut started = Box::pin(b.started());
+        assert!(block_on(poll_once(&mut started)).is_none());
+        a.start();
+        assert!(b.is_started());
+        block_on(started);
+    }
+}
