@@ -26,21 +26,13 @@ use servicegroup::{Body, Config, Group};
 /// Routes a request.
 async fn handle(req: Request<Body>) -> Response<Body> {
     let (allow, allowed) = match req.uri().path() {
-        "/" | "/ping" | "/work" => (
-            "GET, HEAD",
-            req.method() == Method::GET || req.method() == Method::HEAD,
-        ),
+        "/" | "/ping" | "/work" => ("GET, HEAD", req.method() == Method::GET || req.method() == Method::HEAD),
         "/echo" => ("POST", req.method() == Method::POST),
         _ => return text(StatusCode::NOT_FOUND, "not found\n".into()),
     };
     if !allowed {
-        let mut response = text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed\n".into(),
-        );
-        response
-            .headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static(allow));
+        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into());
+        response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
         return response;
     }
     match req.uri().path() {
@@ -53,20 +45,11 @@ async fn handle(req: Request<Body>) -> Response<Body> {
 
 /// Waits `ms` milliseconds (from the query, default 3000), then answers.
 async fn work(query: Option<&str>) -> Response<Body> {
-    let ms = match query
-        .unwrap_or("")
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("ms="))
-    {
+    let ms = match query.unwrap_or("").split('&').find_map(|pair| pair.strip_prefix("ms=")) {
         None => 3000,
         Some(raw) => match raw.parse::<u64>() {
             Ok(ms) => ms,
-            Err(_) => {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    format!("ms must be a whole number, got {raw:?}\n"),
-                )
-            }
+            Err(_) => return text(StatusCode::BAD_REQUEST, format!("ms must be a whole number, got {raw:?}\n")),
         },
     };
     async_io::Timer::after(Duration::from_millis(ms)).await;
@@ -78,9 +61,7 @@ fn echo(req: Request<Body>) -> Response<Body> {
     let content_type = req.headers().get(header::CONTENT_TYPE).cloned();
     let mut response = Response::new(req.into_body());
     let content_type = content_type.unwrap_or(HeaderValue::from_static("application/octet-stream"));
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, content_type);
+    response.headers_mut().insert(header::CONTENT_TYPE, content_type);
     response
 }
 
@@ -88,10 +69,7 @@ fn echo(req: Request<Body>) -> Response<Body> {
 fn text(status: StatusCode, body: String) -> Response<Body> {
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }
 
@@ -128,14 +106,8 @@ fn main() -> ExitCode {
         }
     };
     match group.debug_addr() {
-        Some(debug) => log::info!(
-            "example_server: serving http://{}/ (debug server on http://{debug}/)",
-            group.addr()
-        ),
-        None => log::info!(
-            "example_server: serving http://{}/ (debug server off)",
-            group.addr()
-        ),
+        Some(debug) => log::info!("example_server: serving http://{}/ (debug server on http://{debug}/)", group.addr()),
+        None => log::info!("example_server: serving http://{}/ (debug server off)", group.addr()),
     }
     match smol::block_on(group.run()) {
         Ok(()) => {

@@ -19,12 +19,7 @@ use crate::error::Error;
 pub(crate) trait Source: Send + Sync {
     /// Reads body bytes of request number `request` into `buf`; `Ok(0)` at the end of the body.
     /// Fails once that request's exchange is over.
-    fn poll_body(
-        &self,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-        request: u64,
-    ) -> Poll<Result<usize, Error>>;
+    fn poll_body(&self, cx: &mut Context<'_>, buf: &mut [u8], request: u64) -> Poll<Result<usize, Error>>;
 }
 
 /// A request body still on the connection.
@@ -77,43 +72,25 @@ enum Kind {
 impl Body {
     /// An empty body.
     pub fn empty() -> Body {
-        Body {
-            kind: Kind::Empty,
-            limit: u64::MAX,
-        }
+        Body { kind: Kind::Empty, limit: u64::MAX }
     }
 
     /// A body read from `reader`. With `len: Some(n)` the response is sent with
     /// `Content-Length: n` and the reader must yield exactly `n` bytes (the connection closes
     /// otherwise); with `None` it is sent chunked.
     pub fn from_reader(reader: impl AsyncRead + Send + 'static, len: Option<u64>) -> Body {
-        Body {
-            kind: Kind::Reader {
-                reader: Box::pin(reader),
-                len,
-            },
-            limit: u64::MAX,
-        }
+        Body { kind: Kind::Reader { reader: Box::pin(reader), len }, limit: u64::MAX }
     }
 
     /// A body from a stream of chunks, sent chunked; each chunk is flushed as it comes, so this
     /// suits server-sent events and long polls.
     pub fn from_stream(stream: impl Stream<Item = io::Result<Bytes>> + Send + 'static) -> Body {
-        Body {
-            kind: Kind::Stream {
-                stream: Box::pin(stream),
-                chunk: Bytes::new(),
-            },
-            limit: u64::MAX,
-        }
+        Body { kind: Kind::Stream { stream: Box::pin(stream), chunk: Bytes::new() }, limit: u64::MAX }
     }
 
     /// A request body streaming from the connection.
     pub(crate) fn incoming(incoming: Incoming, limit: u64) -> Body {
-        Body {
-            kind: Kind::Incoming(incoming),
-            limit,
-        }
+        Body { kind: Kind::Incoming(incoming), limit }
     }
 
     /// The number of bytes left in the body, when known.
@@ -157,14 +134,9 @@ impl Body {
         loop {
             let start = out.len();
             let room = (limit - start as u64).saturating_add(1);
-            let want = self
-                .len()
-                .map_or(8192, |n| n.max(1))
-                .min(64 * 1024)
-                .min(room) as usize;
+            let want = self.len().map_or(8192, |n| n.max(1)).min(64 * 1024).min(room) as usize;
             out.resize(start + want, 0);
-            let n = futures_lite::future::poll_fn(|cx| self.poll_read_body(cx, &mut out[start..]))
-                .await?;
+            let n = futures_lite::future::poll_fn(|cx| self.poll_read_body(cx, &mut out[start..])).await?;
             out.truncate(start + n);
             if n == 0 {
                 return Ok(out.into());
@@ -199,11 +171,7 @@ impl Body {
     }
 
     /// Reads into `buf`, keeping this crate's error (so a 400 stays a 400).
-    pub(crate) fn poll_read_body(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<Result<usize, Error>> {
+    pub(crate) fn poll_read_body(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<Result<usize, Error>> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -246,14 +214,8 @@ impl Body {
 }
 
 impl AsyncRead for Body {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        self.get_mut()
-            .poll_read_body(cx, buf)
-            .map_err(io::Error::from)
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        self.get_mut().poll_read_body(cx, buf).map_err(io::Error::from)
     }
 }
 
@@ -272,19 +234,13 @@ impl fmt::Debug for Body {
             Kind::Stream { .. } => "stream",
             Kind::Incoming(_) => "incoming",
         };
-        f.debug_struct("Body")
-            .field("kind", &kind)
-            .field("len", &self.len())
-            .finish()
+        f.debug_struct("Body").field("kind", &kind).field("len", &self.len()).finish()
     }
 }
 
 impl From<Bytes> for Body {
     fn from(bytes: Bytes) -> Self {
-        Body {
-            kind: Kind::Full(bytes),
-            limit: u64::MAX,
-        }
+        Body { kind: Kind::Full(bytes), limit: u64::MAX }
     }
 }
 
@@ -352,11 +308,7 @@ mod tests {
     #[test]
     fn streams_read_chunk_by_chunk() {
         block_on(async {
-            let chunks = vec![
-                Ok(Bytes::from("ab")),
-                Ok(Bytes::new()),
-                Ok(Bytes::from("cde")),
-            ];
+            let chunks = vec![Ok(Bytes::from("ab")), Ok(Bytes::new()), Ok(Bytes::from("cde"))];
             let mut body = Body::from_stream(futures_lite::stream::iter(chunks));
             assert_eq!(body.text().await.unwrap(), "abcde");
             let chunks = vec![Ok(Bytes::from("ab")), Err(io::Error::other("boom"))];

@@ -7,17 +7,12 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 
 /// Where the service listens by default: every interface, port 8080.
-pub const DEFAULT_ADDR: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
-    std::net::Ipv4Addr::UNSPECIFIED,
-    8080,
-));
+pub const DEFAULT_ADDR: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 8080));
 
 /// Where the debug server listens by default: loopback only, so profiles and metrics never
 /// leave the host unless you say so.
-pub const DEFAULT_DEBUG_ADDR: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
-    std::net::Ipv4Addr::LOCALHOST,
-    6060,
-));
+pub const DEFAULT_DEBUG_ADDR: SocketAddr =
+    SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 6060));
 
 /// Default for all three connection timeouts and the shutdown deadline: 30 s is long enough
 /// for slow mobile clients and short enough that a slowloris cannot hold a connection for long.
@@ -139,15 +134,11 @@ impl Config {
         let parse_ms = |name: &'static str| -> Result<Option<Duration>> {
             get(name)
                 .map(|value| {
-                    value
-                        .trim()
-                        .parse::<u64>()
-                        .map(Duration::from_millis)
-                        .map_err(|_| Error::Config {
-                            name,
-                            value,
-                            expected: "a whole number of milliseconds (0 switches a timeout off)",
-                        })
+                    value.trim().parse::<u64>().map(Duration::from_millis).map_err(|_| Error::Config {
+                        name,
+                        value,
+                        expected: "a whole number of milliseconds (0 switches a timeout off)",
+                    })
                 })
                 .transpose()
         };
@@ -167,10 +158,7 @@ impl Config {
                 _ => Some(parse_addr("SERVICEGROUP_DEBUG_ADDR", value)?),
             };
         }
-        config.header_read_timeout = timeout(
-            "SERVICEGROUP_HEADER_READ_TIMEOUT_MS",
-            config.header_read_timeout,
-        )?;
+        config.header_read_timeout = timeout("SERVICEGROUP_HEADER_READ_TIMEOUT_MS", config.header_read_timeout)?;
         config.write_timeout = timeout("SERVICEGROUP_WRITE_TIMEOUT_MS", config.write_timeout)?;
         config.idle_timeout = timeout("SERVICEGROUP_IDLE_TIMEOUT_MS", config.idle_timeout)?;
         if let Some(d) = parse_ms("SERVICEGROUP_SHUTDOWN_TIMEOUT_MS")? {
@@ -196,13 +184,7 @@ impl Config {
 
     /// Checks values no type can rule out, naming the field to fix.
     pub(crate) fn validate(&self) -> Result<()> {
-        let bad = |name, value: String, expected| {
-            Err(Error::Config {
-                name,
-                value,
-                expected,
-            })
-        };
+        let bad = |name, value: String, expected| Err(Error::Config { name, value, expected });
         if self.threads == 0 {
             return bad("Config::threads", "0".into(), "at least 1");
         }
@@ -210,18 +192,10 @@ impl Config {
             return bad("Config::max_header_bytes", "0".into(), "at least 1 byte");
         }
         if self.max_headers == 0 || self.max_headers > crate::h1::decode::MAX_HEADERS {
-            return bad(
-                "Config::max_headers",
-                self.max_headers.to_string(),
-                "between 1 and 256",
-            );
+            return bad("Config::max_headers", self.max_headers.to_string(), "between 1 and 256");
         }
         if self.max_connections == Some(0) {
-            return bad(
-                "Config::max_connections",
-                "Some(0)".into(),
-                "None or at least 1",
-            );
+            return bad("Config::max_connections", "Some(0)".into(), "None or at least 1");
         }
         Ok(())
     }
@@ -231,17 +205,10 @@ impl Config {
 fn parse_addr(name: &'static str, value: String) -> Result<SocketAddr> {
     let trimmed = value.trim();
     let parsed = match trimmed.strip_prefix("localhost:") {
-        Some(port) => port
-            .parse::<u16>()
-            .ok()
-            .map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
+        Some(port) => port.parse::<u16>().ok().map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
         None => trimmed.parse().ok(),
     };
-    parsed.ok_or(Error::Config {
-        name,
-        value,
-        expected: "an address like 0.0.0.0:8080 or [::]:8080",
-    })
+    parsed.ok_or(Error::Config { name, value, expected: "an address like 0.0.0.0:8080 or [::]:8080" })
 }
 
 #[cfg(test)]
@@ -250,10 +217,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn from(vars: &[(&str, &str)]) -> Result<Config> {
-        let map: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Config::from_lookup(|name| map.get(name).cloned())
     }
 
@@ -295,11 +259,7 @@ mod tests {
         assert_eq!(c.shutdown_timeout, Duration::from_millis(5));
         assert_eq!(c.drain_delay, Duration::from_millis(7));
         assert_eq!(c.threads, 3);
-        let c = from(&[
-            ("SERVICEGROUP_DEBUG_ADDR", "[::1]:9000"),
-            ("SERVICEGROUP_ADDR", "localhost:81"),
-        ])
-        .unwrap();
+        let c = from(&[("SERVICEGROUP_DEBUG_ADDR", "[::1]:9000"), ("SERVICEGROUP_ADDR", "localhost:81")]).unwrap();
         assert_eq!(c.debug_addr.unwrap().to_string(), "[::1]:9000");
         assert_eq!(c.addr.to_string(), "127.0.0.1:81");
     }
@@ -326,17 +286,9 @@ mod tests {
     fn validation_names_the_field() {
         let mut c = Config::default();
         c.max_headers = 1000;
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("Config::max_headers"));
+        assert!(c.validate().unwrap_err().to_string().contains("Config::max_headers"));
         let mut c = Config::default();
         c.threads = 0;
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("Config::threads"));
+        assert!(c.validate().unwrap_err().to_string().contains("Config::threads"));
     }
 }

@@ -78,21 +78,13 @@ impl Handler for Debug {
             );
             if known {
                 let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
-                response
-                    .headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+                response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
                 return Box::pin(async { response });
             }
         }
-        let snapshot = || {
-            state
-                .metrics
-                .snapshot(state.connections.count(), state.shutdown.is_started())
-        };
+        let snapshot = || state.metrics.snapshot(state.connections.count(), state.shutdown.is_started());
         let response = match path {
-            "/" | "/debug/pprof" | "/debug/pprof/" => {
-                typed(StatusCode::OK, "text/html; charset=utf-8", index(state))
-            }
+            "/" | "/debug/pprof" | "/debug/pprof/" => typed(StatusCode::OK, "text/html; charset=utf-8", index(state)),
             "/debug/pprof/profile" | "/debug/pprof/flamegraph" => {
                 let svg = path.ends_with("flamegraph");
                 return match seconds(req.uri().query()) {
@@ -104,21 +96,12 @@ impl Handler for Debug {
                 let args: Vec<String> = std::env::args().collect();
                 text(StatusCode::OK, args.join("\0"))
             }
-            "/metrics" => typed(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                snapshot().prometheus(),
-            ),
+            "/metrics" => typed(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", snapshot().prometheus()),
             "/debug/vars" => typed(StatusCode::OK, "application/json", snapshot().json()),
             "/healthz" => text(StatusCode::OK, "ok\n"),
-            "/readyz" if state.shutdown.is_started() => {
-                text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
-            }
+            "/readyz" if state.shutdown.is_started() => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
             "/readyz" => text(StatusCode::OK, "ready\n"),
-            _ => text(
-                StatusCode::NOT_FOUND,
-                "not found; see / for the debug endpoints\n",
-            ),
+            _ => text(StatusCode::NOT_FOUND, "not found; see / for the debug endpoints\n"),
         };
         Box::pin(async { response })
     }
@@ -126,17 +109,12 @@ impl Handler for Debug {
 
 /// The `seconds` query parameter, checked.
 fn seconds(query: Option<&str>) -> Result<u64, String> {
-    let raw = query
-        .unwrap_or("")
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("seconds="));
+    let raw = query.unwrap_or("").split('&').find_map(|pair| pair.strip_prefix("seconds="));
     match raw {
         None => Ok(DEFAULT_PROFILE_SECONDS),
         Some(raw) => match raw.parse::<u64>() {
             Ok(n) if (1..=MAX_PROFILE_SECONDS).contains(&n) => Ok(n),
-            _ => Err(format!(
-                "seconds must be a whole number from 1 to {MAX_PROFILE_SECONDS}, got {raw:?}\n"
-            )),
+            _ => Err(format!("seconds must be a whole number from 1 to {MAX_PROFILE_SECONDS}, got {raw:?}\n")),
         },
     }
 }
@@ -157,10 +135,7 @@ fn index(state: &State) -> String {
          <li><a href=\"/readyz\">/readyz</a>: readiness (503 once shutdown starts)</li>\n",
     );
     for (path, _) in &state.routes {
-        let path = path
-            .replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('"', "&quot;");
+        let path = path.replace('&', "&amp;").replace('<', "&lt;").replace('"', "&quot;");
         page.push_str(&format!("<li><a href=\"{path}\">{path}</a></li>\n"));
     }
     page.push_str("</ul></body></html>\n");
@@ -176,9 +151,7 @@ fn text(status: StatusCode, body: impl Into<Body>) -> Response<Body> {
 fn typed(status: StatusCode, content_type: &'static str, body: impl Into<Body>) -> Response<Body> {
     let mut response = Response::new(body.into());
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 
@@ -214,10 +187,7 @@ mod profile {
     /// Profiles the whole process for `seconds`; a pprof protobuf, or an SVG flamegraph.
     pub(super) async fn take(seconds: u64, svg: bool) -> Response<Body> {
         if PROFILING.swap(true, Ordering::SeqCst) {
-            return text(
-                StatusCode::CONFLICT,
-                "a CPU profile is already being taken; retry when it finishes\n",
-            );
+            return text(StatusCode::CONFLICT, "a CPU profile is already being taken; retry when it finishes\n");
         }
         let _turn = Turn;
         let guard = match pprof::ProfilerGuardBuilder::default()
@@ -226,48 +196,29 @@ mod profile {
             .build()
         {
             Ok(guard) => guard,
-            Err(e) => {
-                return text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("could not start the profiler: {e}\n"),
-                )
-            }
+            Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("could not start the profiler: {e}\n")),
         };
         async_io::Timer::after(Duration::from_secs(seconds)).await;
         let report = match guard.report().build() {
             Ok(report) => report,
-            Err(e) => {
-                return text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("could not build the profile: {e}\n"),
-                )
-            }
+            Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("could not build the profile: {e}\n")),
         };
         drop(guard);
         if svg {
             let mut out = Vec::new();
             if let Err(e) = report.flamegraph(&mut out) {
-                return text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("could not draw the flamegraph: {e}\n"),
-                );
+                return text(StatusCode::INTERNAL_SERVER_ERROR, format!("could not draw the flamegraph: {e}\n"));
             }
             return typed(StatusCode::OK, "image/svg+xml", out);
         }
         let profile = match report.pprof() {
             Ok(profile) => profile.encode_to_vec(),
-            Err(e) => {
-                return text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("could not encode the profile: {e}\n"),
-                )
-            }
+            Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("could not encode the profile: {e}\n")),
         };
         let mut response = typed(StatusCode::OK, "application/octet-stream", gzip(&profile));
-        response.headers_mut().insert(
-            header::CONTENT_DISPOSITION,
-            HeaderValue::from_static("attachment; filename=\"profile\""),
-        );
+        response
+            .headers_mut()
+            .insert(header::CONTENT_DISPOSITION, HeaderValue::from_static("attachment; filename=\"profile\""));
         response
     }
 
@@ -340,17 +291,8 @@ mod tests {
         assert_eq!(seconds(None), Ok(30));
         assert_eq!(seconds(Some("seconds=5")), Ok(5));
         assert_eq!(seconds(Some("a=b&seconds=300")), Ok(300));
-        for bad in [
-            "seconds=0",
-            "seconds=301",
-            "seconds=x",
-            "seconds=-1",
-            "seconds=",
-        ] {
-            assert!(
-                seconds(Some(bad)).unwrap_err().contains("from 1 to 300"),
-                "{bad}"
-            );
+        for bad in ["seconds=0", "seconds=301", "seconds=x", "seconds=-1", "seconds="] {
+            assert!(seconds(Some(bad)).unwrap_err().contains("from 1 to 300"), "{bad}");
         }
     }
 }

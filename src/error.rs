@@ -127,10 +127,9 @@ impl Error {
     pub fn to_response(&self) -> http::Response<crate::Body> {
         let mut response = http::Response::new(crate::Body::from(format!("{self}\n")));
         *response.status_mut() = self.status();
-        response.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
         response
     }
 }
@@ -139,9 +138,7 @@ impl Error {
 pub(crate) fn decode_status(error: &DecodeError) -> StatusCode {
     match error {
         DecodeError::Malformed(_) => StatusCode::BAD_REQUEST,
-        DecodeError::HeadTooLarge | DecodeError::TooManyHeaders => {
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
-        }
+        DecodeError::HeadTooLarge | DecodeError::TooManyHeaders => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         DecodeError::UnsupportedVersion => StatusCode::HTTP_VERSION_NOT_SUPPORTED,
         DecodeError::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
         DecodeError::UnsupportedExpectation => StatusCode::EXPECTATION_FAILED,
@@ -151,11 +148,7 @@ pub(crate) fn decode_status(error: &DecodeError) -> StatusCode {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Bind {
-                server,
-                addr,
-                source,
-            } => write!(
+            Error::Bind { server, addr, source } => write!(
                 f,
                 "could not bind the {server} server to {addr}: {source}; choose a free address \
                  ({})",
@@ -165,28 +158,17 @@ impl fmt::Display for Error {
                     "Config::addr or SERVICEGROUP_ADDR"
                 }
             ),
-            Error::Config {
-                name,
-                value,
-                expected,
-            } => write!(f, "invalid {name}={value:?}: expected {expected}"),
+            Error::Config { name, value, expected } => write!(f, "invalid {name}={value:?}: expected {expected}"),
             Error::Io(e) => write!(f, "i/o error: {e}"),
             Error::BadRequest(why) => write!(f, "bad request: {why}"),
             Error::BodyTooLarge { limit } => {
-                write!(
-                    f,
-                    "request body is larger than the {limit}-byte limit (Config::max_body_bytes)"
-                )
+                write!(f, "request body is larger than the {limit}-byte limit (Config::max_body_bytes)")
             }
             Error::TimedOut(phase) => {
                 let what = match phase {
-                    Phase::HeaderRead => {
-                        "reading the request head took longer than the header read timeout"
-                    }
+                    Phase::HeaderRead => "reading the request head took longer than the header read timeout",
                     Phase::Write => "the exchange took longer than the write timeout",
-                    Phase::Idle => {
-                        "the keep-alive connection was idle longer than the idle timeout"
-                    }
+                    Phase::Idle => "the keep-alive connection was idle longer than the idle timeout",
                 };
                 f.write_str(what)
             }
@@ -194,11 +176,7 @@ impl fmt::Display for Error {
             Error::Panicked { name, message } => {
                 write!(f, "group member `{name}` panicked: {message}")
             }
-            Error::ShutdownTimedOut {
-                connections,
-                members,
-                timeout,
-            } => {
+            Error::ShutdownTimedOut { connections, members, timeout } => {
                 write!(f, "graceful shutdown did not finish within {timeout:?}: cut {connections} open connection(s)")?;
                 if !members.is_empty() {
                     write!(f, " and dropped member(s) {}", members.join(", "))?;
@@ -249,19 +227,9 @@ mod tests {
             source: io::Error::from(io::ErrorKind::AddrInUse),
         };
         let text = e.to_string();
-        assert!(
-            text.contains("0.0.0.0:8080") && text.contains("SERVICEGROUP_ADDR"),
-            "{text}"
-        );
-        let e = Error::Config {
-            name: "SERVICEGROUP_THREADS",
-            value: "lots".into(),
-            expected: "a whole number",
-        };
-        assert_eq!(
-            e.to_string(),
-            "invalid SERVICEGROUP_THREADS=\"lots\": expected a whole number"
-        );
+        assert!(text.contains("0.0.0.0:8080") && text.contains("SERVICEGROUP_ADDR"), "{text}");
+        let e = Error::Config { name: "SERVICEGROUP_THREADS", value: "lots".into(), expected: "a whole number" };
+        assert_eq!(e.to_string(), "invalid SERVICEGROUP_THREADS=\"lots\": expected a whole number");
     }
 
     #[test]

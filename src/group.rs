@@ -24,8 +24,7 @@ use crate::signal::Signals;
 use crate::supervisor::{supervise, Member};
 
 /// The service server, waiting for an executor to run on.
-type Service =
-    Box<dyn FnOnce(Arc<Executor<'static>>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+type Service = Box<dyn FnOnce(Arc<Executor<'static>>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
 /// Name of the service server member, in logs and errors.
 const SERVICE: &str = "service server";
@@ -83,10 +82,7 @@ impl Group {
     pub fn new(handler: impl Handler, config: Config) -> Result<Group> {
         config.validate()?;
         let listener = Listener::bind("service", config.addr)?;
-        let debug = config
-            .debug_addr
-            .map(|addr| Listener::bind("debug", addr))
-            .transpose()?;
+        let debug = config.debug_addr.map(|addr| Listener::bind("debug", addr)).transpose()?;
         let addr = listener.addr();
         let shutdown = Shutdown::default();
         let service_drain = Latch::default();
@@ -94,10 +90,7 @@ impl Group {
         let ctx = Context {
             handler,
             settings: Settings {
-                limits: Limits {
-                    max_head_bytes: config.max_header_bytes,
-                    max_headers: config.max_headers,
-                },
+                limits: Limits { max_head_bytes: config.max_header_bytes, max_headers: config.max_headers },
                 header_read_timeout: config.header_read_timeout,
                 write_timeout: config.write_timeout,
                 idle_timeout: config.idle_timeout,
@@ -150,10 +143,7 @@ impl Group {
         E: Into<BoxError>,
     {
         let future = Box::pin(async move { member.await.map_err(Into::into) });
-        self.members.push(Member {
-            name: name.into(),
-            future,
-        });
+        self.members.push(Member { name: name.into(), future });
         self
     }
 
@@ -217,12 +207,8 @@ impl Group {
         let mut debug_connections = Counter::default();
         if let Some(listener) = debug {
             let drain = Latch::default();
-            let state = debug::State {
-                routes,
-                metrics,
-                connections: service_connections.clone(),
-                shutdown: shutdown.clone(),
-            };
+            let state =
+                debug::State { routes, metrics, connections: service_connections.clone(), shutdown: shutdown.clone() };
             let ctx = Context {
                 handler: Debug(Arc::new(state)),
                 settings: Settings {
@@ -258,11 +244,7 @@ impl Group {
         }
         all.extend(members);
 
-        let signals = if config.handle_signals {
-            Some(Signals::new().map_err(Error::Io)?)
-        } else {
-            None
-        };
+        let signals = if config.handle_signals { Some(Signals::new().map_err(Error::Io)?) } else { None };
         let handle_signals = {
             let shutdown = shutdown.clone();
             async move {
@@ -273,25 +255,15 @@ impl Group {
             }
         };
         let grace = config.drain_delay + config.shutdown_timeout;
-        let outcome = supervise(all, shutdown.latch(), grace)
-            .or(handle_signals)
-            .await;
+        let outcome = supervise(all, shutdown.latch(), grace).or(handle_signals).await;
         let cut = service_connections.count() + debug_connections.count();
         workers.stop().await;
 
         if outcome.unfinished.is_empty() {
             return outcome.result;
         }
-        let members = outcome
-            .unfinished
-            .into_iter()
-            .filter(|name| name != SERVICE && name != DEBUG)
-            .collect();
-        let timed_out = Error::ShutdownTimedOut {
-            connections: cut,
-            members,
-            timeout: config.shutdown_timeout,
-        };
+        let members = outcome.unfinished.into_iter().filter(|name| name != SERVICE && name != DEBUG).collect();
+        let timed_out = Error::ShutdownTimedOut { connections: cut, members, timeout: config.shutdown_timeout };
         match outcome.result {
             Ok(()) => Err(timed_out),
             Err(e) => {

@@ -9,9 +9,7 @@ use crate::h1::decode::DecodeError;
 
 /// Upper bounds of the request-duration histogram buckets, in seconds (Prometheus' defaults
 /// plus 1 ms, so fast services do not all land in the first bucket).
-pub(crate) const BUCKETS: [f64; 12] = [
-    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
+pub(crate) const BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// Why a request was refused before reaching the handler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,13 +117,9 @@ impl Metrics {
             self.response(status);
         }
         let secs = elapsed.as_secs_f64();
-        let bucket = BUCKETS
-            .iter()
-            .position(|&le| secs <= le)
-            .unwrap_or(BUCKETS.len());
+        let bucket = BUCKETS.iter().position(|&le| secs <= le).unwrap_or(BUCKETS.len());
         self.duration_buckets[bucket].fetch_add(1, Relaxed);
-        self.duration_micros
-            .fetch_add(elapsed.as_micros() as u64, Relaxed);
+        self.duration_micros.fetch_add(elapsed.as_micros() as u64, Relaxed);
     }
 
     /// A response with `status` was sent outside a handler (an error the server answered).
@@ -203,47 +197,18 @@ impl Snapshot {
     pub(crate) fn prometheus(&self) -> String {
         let mut out = String::with_capacity(4096);
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
-            let _ = writeln!(
-                out,
-                "# HELP servicegroup_{name} {help}\n# TYPE servicegroup_{name} {kind}"
-            );
+            let _ = writeln!(out, "# HELP servicegroup_{name} {help}\n# TYPE servicegroup_{name} {kind}");
             for (labels, value) in samples {
                 let _ = writeln!(out, "servicegroup_{name}{labels} {value}");
             }
         };
         let one = |v: u64| vec![(String::new(), v.to_string())];
-        metric(
-            "connections_accepted_total",
-            "counter",
-            "Connections accepted.",
-            &one(self.connections_accepted),
-        );
-        metric(
-            "connections_open",
-            "gauge",
-            "Connections open now.",
-            &one(self.connections_open),
-        );
-        metric(
-            "requests_in_flight",
-            "gauge",
-            "Requests being handled now.",
-            &one(self.in_flight),
-        );
-        let classes: Vec<_> = (0..5)
-            .map(|i| {
-                (
-                    format!("{{class=\"{}xx\"}}", i + 1),
-                    self.responses[i].to_string(),
-                )
-            })
-            .collect();
-        metric(
-            "responses_total",
-            "counter",
-            "Responses sent, by status class.",
-            &classes,
-        );
+        metric("connections_accepted_total", "counter", "Connections accepted.", &one(self.connections_accepted));
+        metric("connections_open", "gauge", "Connections open now.", &one(self.connections_open));
+        metric("requests_in_flight", "gauge", "Requests being handled now.", &one(self.in_flight));
+        let classes: Vec<_> =
+            (0..5).map(|i| (format!("{{class=\"{}xx\"}}", i + 1), self.responses[i].to_string())).collect();
+        metric("responses_total", "counter", "Responses sent, by status class.", &classes);
         let mut cumulative = 0;
         let mut buckets: Vec<_> = BUCKETS
             .iter()
@@ -255,10 +220,7 @@ impl Snapshot {
             .collect();
         let count = cumulative + self.duration_buckets[BUCKETS.len()];
         buckets.push(("_bucket{le=\"+Inf\"}".into(), count.to_string()));
-        buckets.push((
-            "_sum".into(),
-            (self.duration_micros as f64 / 1e6).to_string(),
-        ));
+        buckets.push(("_sum".into(), (self.duration_micros as f64 / 1e6).to_string()));
         buckets.push(("_count".into(), count.to_string()));
         metric(
             "request_duration_seconds",
@@ -271,35 +233,15 @@ impl Snapshot {
             .zip(self.timeouts)
             .map(|(p, n)| (format!("{{phase=\"{}\"}}", p.as_str()), n.to_string()))
             .collect();
-        metric(
-            "timeouts_total",
-            "counter",
-            "Connection timeouts, by phase.",
-            &phases,
-        );
+        metric("timeouts_total", "counter", "Connection timeouts, by phase.", &phases);
         let reasons: Vec<_> = Reject::ALL
             .iter()
             .zip(self.rejected)
             .map(|(r, n)| (format!("{{reason=\"{}\"}}", r.as_str()), n.to_string()))
             .collect();
-        metric(
-            "rejected_requests_total",
-            "counter",
-            "Requests refused before the handler, by reason.",
-            &reasons,
-        );
-        metric(
-            "handler_panics_total",
-            "counter",
-            "Handlers that panicked.",
-            &one(self.panics),
-        );
-        metric(
-            "shutting_down",
-            "gauge",
-            "1 once graceful shutdown has started.",
-            &one(u64::from(self.shutting_down)),
-        );
+        metric("rejected_requests_total", "counter", "Requests refused before the handler, by reason.", &reasons);
+        metric("handler_panics_total", "counter", "Handlers that panicked.", &one(self.panics));
+        metric("shutting_down", "gauge", "1 once graceful shutdown has started.", &one(u64::from(self.shutting_down)));
         metric(
             "uptime_seconds",
             "gauge",
@@ -310,10 +252,7 @@ impl Snapshot {
             "build_info",
             "gauge",
             "The servicegroup crate version.",
-            &[(
-                format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")),
-                "1".into(),
-            )],
+            &[(format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")), "1".into())],
         );
         out
     }
@@ -333,35 +272,16 @@ impl Snapshot {
             self.in_flight,
             self.panics
         );
-        let object =
-            |out: &mut String, name: &str, pairs: &mut dyn Iterator<Item = (String, u64)>| {
-                let _ = write!(out, ",\"{name}\":{{");
-                for (i, (k, v)) in pairs.enumerate() {
-                    let _ = write!(out, "{}\"{k}\":{v}", if i == 0 { "" } else { "," });
-                }
-                out.push('}');
-            };
-        object(
-            &mut out,
-            "responses",
-            &mut (0..5).map(|i| (format!("{}xx", i + 1), self.responses[i])),
-        );
-        object(
-            &mut out,
-            "timeouts",
-            &mut Phase::ALL
-                .iter()
-                .zip(self.timeouts)
-                .map(|(p, n)| (p.as_str().into(), n)),
-        );
-        object(
-            &mut out,
-            "rejected",
-            &mut Reject::ALL
-                .iter()
-                .zip(self.rejected)
-                .map(|(r, n)| (r.as_str().into(), n)),
-        );
+        let object = |out: &mut String, name: &str, pairs: &mut dyn Iterator<Item = (String, u64)>| {
+            let _ = write!(out, ",\"{name}\":{{");
+            for (i, (k, v)) in pairs.enumerate() {
+                let _ = write!(out, "{}\"{k}\":{v}", if i == 0 { "" } else { "," });
+            }
+            out.push('}');
+        };
+        object(&mut out, "responses", &mut (0..5).map(|i| (format!("{}xx", i + 1), self.responses[i])));
+        object(&mut out, "timeouts", &mut Phase::ALL.iter().zip(self.timeouts).map(|(p, n)| (p.as_str().into(), n)));
+        object(&mut out, "rejected", &mut Reject::ALL.iter().zip(self.rejected).map(|(r, n)| (r.as_str().into(), n)));
         let count: u64 = self.duration_buckets.iter().sum();
         let _ = write!(
             out,
@@ -404,18 +324,11 @@ mod tests {
             "servicegroup_rejected_requests_total{reason=\"head_too_large\"} 1",
             "servicegroup_shutting_down 1",
         ] {
-            assert!(
-                text.lines().any(|l| l == line),
-                "missing {line:?} in\n{text}"
-            );
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
         let json = s.json();
         assert!(json.starts_with('{') && json.ends_with('}'), "{json}");
-        for part in [
-            "\"timeouts\":{\"header_read\":0,\"write\":1,\"idle\":0}",
-            "\"2xx\":1",
-            "\"count\":2",
-        ] {
+        for part in ["\"timeouts\":{\"header_read\":0,\"write\":1,\"idle\":0}", "\"2xx\":1", "\"count\":2"] {
             assert!(json.contains(part), "missing {part} in {json}");
         }
     }

@@ -99,9 +99,7 @@ impl Shutdown {
 
 impl std::fmt::Debug for Shutdown {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shutdown")
-            .field("started", &self.is_started())
-            .finish()
+        f.debug_struct("Shutdown").field("started", &self.is_started()).finish()
     }
 }
 

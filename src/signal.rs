@@ -29,10 +29,7 @@ impl Signals {
     /// Starts `shutdown` on the first signal; ends the process on the second. Never returns.
     pub(crate) async fn handle(mut self, shutdown: Shutdown) {
         if let Some(signal) = self.0.next().await {
-            log::info!(
-                "received {}; shutting down gracefully (send it again to exit at once)",
-                name(signal)
-            );
+            log::info!("received {}; shutting down gracefully (send it again to exit at once)", name(signal));
             shutdown.start();
         }
         if let Some(signal) = self.0.next().await {

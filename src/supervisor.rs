@@ -83,11 +83,7 @@ pub(crate) async fn supervise(members: Vec<Member>, stop: &Latch, grace: Duratio
 }
 
 /// Polls every running member once; records the first to end in `first` and logs the rest.
-fn poll_members(
-    slots: &mut [Option<Member>],
-    cx: &mut Context<'_>,
-    first: &mut Option<Result<(), Error>>,
-) {
+fn poll_members(slots: &mut [Option<Member>], cx: &mut Context<'_>, first: &mut Option<Result<(), Error>>) {
     for slot in slots.iter_mut() {
         let Some(member) = slot else { continue };
         let polled = catch_unwind(AssertUnwindSafe(|| member.future.as_mut().poll(cx)));
@@ -97,20 +93,14 @@ fn poll_members(
                 log::info!("group member `{}` finished", member.name);
                 Ok(())
             }
-            Ok(Poll::Ready(Err(source))) => Err(Error::Member {
-                name: member.name.clone(),
-                source,
-            }),
+            Ok(Poll::Ready(Err(source))) => Err(Error::Member { name: member.name.clone(), source }),
             Err(panic) => {
                 let message = panic
                     .downcast_ref::<&str>()
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "(no message)".into());
-                Err(Error::Panicked {
-                    name: member.name.clone(),
-                    message,
-                })
+                Err(Error::Panicked { name: member.name.clone(), message })
             }
         };
         *slot = None;
@@ -128,14 +118,8 @@ mod tests {
     use futures_lite::future::block_on;
     use std::io;
 
-    fn member(
-        name: &str,
-        future: impl Future<Output = Result<(), BoxError>> + Send + 'static,
-    ) -> Member {
-        Member {
-            name: name.into(),
-            future: Box::pin(future),
-        }
+    fn member(name: &str, future: impl Future<Output = Result<(), BoxError>> + Send + 'static) -> Member {
+        Member { name: name.into(), future: Box::pin(future) }
     }
 
     /// A member that runs until the group stops, then returns `Ok`.
@@ -158,11 +142,7 @@ mod tests {
     #[test]
     fn one_member_ending_ends_the_group() {
         let stop = Latch::default();
-        let outcome = block_on(supervise(
-            vec![member("only", async { Ok(()) })],
-            &stop,
-            Duration::from_secs(60),
-        ));
+        let outcome = block_on(supervise(vec![member("only", async { Ok(()) })], &stop, Duration::from_secs(60)));
         assert!(outcome.result.is_ok());
         assert!(stop.is_set());
     }
@@ -172,9 +152,7 @@ mod tests {
         let stop = Latch::default();
         let members = vec![
             until_stopped("a", &stop),
-            member("broken", async {
-                Err(io::Error::other("disk full").into())
-            }),
+            member("broken", async { Err(io::Error::other("disk full").into()) }),
             until_stopped("c", &stop),
             member("late", {
                 let stop = stop.wait();
@@ -193,26 +171,16 @@ mod tests {
     #[test]
     fn a_panicking_member_ends_the_group_with_its_name() {
         let stop = Latch::default();
-        let members = vec![
-            until_stopped("steady", &stop),
-            member("crashy", async { panic!("boom") }),
-        ];
+        let members = vec![until_stopped("steady", &stop), member("crashy", async { panic!("boom") })];
         let outcome = block_on(supervise(members, &stop, Duration::from_secs(60)));
-        assert_eq!(
-            outcome.result.unwrap_err().to_string(),
-            "group member `crashy` panicked: boom"
-        );
+        assert_eq!(outcome.result.unwrap_err().to_string(), "group member `crashy` panicked: boom");
     }
 
     #[test]
     fn an_outside_stop_is_a_clean_end() {
         let stop = Latch::default();
         stop.set();
-        let outcome = block_on(supervise(
-            vec![until_stopped("a", &stop)],
-            &stop,
-            Duration::from_secs(60),
-        ));
+        let outcome = block_on(supervise(vec![until_stopped("a", &stop)], &stop, Duration::from_secs(60)));
         assert!(outcome.result.is_ok());
         assert!(outcome.unfinished.is_empty());
     }

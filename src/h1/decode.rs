@@ -55,9 +55,7 @@ impl DecodeError {
             DecodeError::HeadTooLarge => "request head is larger than the server accepts",
             DecodeError::TooManyHeaders => "request has more header fields than the server accepts",
             DecodeError::UnsupportedVersion => "only HTTP/1.0 and HTTP/1.1 are supported",
-            DecodeError::UnsupportedTransferCoding => {
-                "only the chunked transfer coding is supported"
-            }
+            DecodeError::UnsupportedTransferCoding => "only the chunked transfer coding is supported",
             DecodeError::UnsupportedExpectation => "only the 100-continue expectation is supported",
         }
     }
@@ -111,11 +109,7 @@ pub fn parse_head(buf: &[u8], limits: Limits) -> Result<Option<(Head, usize)>, D
     let len = match req.parse_with_uninit_headers(buf, &mut slots[..max_headers]) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => {
-            return if buf.len() > limits.max_head_bytes {
-                Err(DecodeError::HeadTooLarge)
-            } else {
-                Ok(None)
-            };
+            return if buf.len() > limits.max_head_bytes { Err(DecodeError::HeadTooLarge) } else { Ok(None) };
         }
         Err(httparse::Error::TooManyHeaders) => return Err(DecodeError::TooManyHeaders),
         Err(httparse::Error::Version) => {
@@ -130,7 +124,9 @@ pub fn parse_head(buf: &[u8], limits: Limits) -> Result<Option<(Head, usize)>, D
                 "invalid header field name (no whitespace is allowed before the colon, and obs-fold is rejected)",
             ))
         }
-        Err(httparse::Error::HeaderValue) => return Err(DecodeError::Malformed("invalid byte in a header field value")),
+        Err(httparse::Error::HeaderValue) => {
+            return Err(DecodeError::Malformed("invalid byte in a header field value"))
+        }
         Err(httparse::Error::NewLine) => {
             return Err(DecodeError::Malformed("invalid line ending (a CR must be followed by LF)"))
         }
@@ -145,8 +141,7 @@ pub fn parse_head(buf: &[u8], limits: Limits) -> Result<Option<(Head, usize)>, D
     let slice = |part: &[u8]| shared.slice(offset(buf, part));
 
     let method = req.method.unwrap_or_default();
-    let method = Method::from_bytes(method.as_bytes())
-        .map_err(|_| DecodeError::Malformed("invalid method"))?;
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| DecodeError::Malformed("invalid method"))?;
     let version = match req.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
@@ -170,20 +165,8 @@ pub fn parse_head(buf: &[u8], limits: Limits) -> Result<Option<(Head, usize)>, D
         _ => !framing.close,
     };
     // RFC 9110 §10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored.
-    let expect_continue =
-        framing.expect_continue && version == Version::HTTP_11 && body != BodyLength::Length(0);
-    Ok(Some((
-        Head {
-            method,
-            uri,
-            version,
-            headers,
-            body,
-            keep_alive,
-            expect_continue,
-        },
-        len,
-    )))
+    let expect_continue = framing.expect_continue && version == Version::HTTP_11 && body != BodyLength::Length(0);
+    Ok(Some((Head { method, uri, version, headers, body, keep_alive, expect_continue }, len)))
 }
 
 /// Bytes of empty lines (CRLF or bare LF) before a request line, which a server should ignore
@@ -250,10 +233,7 @@ fn offset(whole: &[u8], part: &[u8]) -> Range<usize> {
 /// deciding on the whole token keeps the answer independent of how the bytes were split.
 fn version_error(buf: &[u8]) -> Option<DecodeError> {
     const SHAPE: &[u8] = b"HTTP/d.d";
-    let start = buf
-        .iter()
-        .position(|&b| b != b'\r' && b != b'\n')
-        .unwrap_or(buf.len());
+    let start = buf.iter().position(|&b| b != b'\r' && b != b'\n').unwrap_or(buf.len());
     let rest = &buf[start..];
     let (line, complete) = match rest.iter().position(|&b| b == b'\n') {
         Some(end) => (&rest[..end], true),
@@ -262,13 +242,7 @@ fn version_error(buf: &[u8]) -> Option<DecodeError> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let token = line.rsplit(|&b| b == b' ').next().unwrap_or_default();
     let fits = token.len() <= SHAPE.len()
-        && token.iter().zip(SHAPE).all(|(&b, &s)| {
-            if s == b'd' {
-                b.is_ascii_digit()
-            } else {
-                b == s
-            }
-        });
+        && token.iter().zip(SHAPE).all(|(&b, &s)| if s == b'd' { b.is_ascii_digit() } else { b == s });
     if !complete && fits {
         return None;
     }
@@ -281,8 +255,7 @@ fn version_error(buf: &[u8]) -> Option<DecodeError> {
 
 /// Checks the request-target form against the method (RFC 9112 §3.2).
 fn parse_target(method: &Method, raw: &[u8], shared: Bytes) -> Result<Uri, DecodeError> {
-    let uri = Uri::from_maybe_shared(shared)
-        .map_err(|_| DecodeError::Malformed("invalid request target"))?;
+    let uri = Uri::from_maybe_shared(shared).map_err(|_| DecodeError::Malformed("invalid request target"))?;
     let ok = if method == Method::CONNECT {
         // authority-form only
         uri.scheme().is_none() && uri.authority().is_some() && !raw.starts_with(b"/")
@@ -294,9 +267,7 @@ fn parse_target(method: &Method, raw: &[u8], shared: Bytes) -> Result<Uri, Decod
     if ok {
         Ok(uri)
     } else {
-        Err(DecodeError::Malformed(
-            "request target does not fit the method (RFC 9112 section 3.2)",
-        ))
+        Err(DecodeError::Malformed("request target does not fit the method (RFC 9112 section 3.2)"))
     }
 }
 
@@ -364,9 +335,7 @@ impl Framing {
     /// Decides the body length, in the order of RFC 9112 §6.3 for requests.
     fn finish(&self, version: Version) -> Result<BodyLength, DecodeError> {
         if version == Version::HTTP_11 && self.hosts != 1 {
-            return Err(DecodeError::Malformed(
-                "an HTTP/1.1 request needs exactly one Host field",
-            ));
+            return Err(DecodeError::Malformed("an HTTP/1.1 request needs exactly one Host field"));
         }
         if self.hosts > 1 {
             return Err(DecodeError::Malformed("more than one Host field"));
@@ -375,21 +344,15 @@ impl Framing {
             // 1. Transfer-Encoding overrides Content-Length, but a request with both is a
             //    smuggling attempt or a broken client: reject it (RFC 9112 §6.1, §6.3 item 3).
             if self.content_length.is_some() {
-                return Err(DecodeError::Malformed(
-                    "both Transfer-Encoding and Content-Length are present",
-                ));
+                return Err(DecodeError::Malformed("both Transfer-Encoding and Content-Length are present"));
             }
             // 2. HTTP/1.0 has no transfer codings; the framing is faulty (§6.1).
             if version == Version::HTTP_10 {
-                return Err(DecodeError::Malformed(
-                    "Transfer-Encoding in an HTTP/1.0 request",
-                ));
+                return Err(DecodeError::Malformed("Transfer-Encoding in an HTTP/1.0 request"));
             }
             // 3. The last coding must be chunked, applied once (§6.1, §7).
             if !self.last_is_chunked || self.chunked_count != 1 {
-                return Err(DecodeError::Malformed(
-                    "the last transfer coding must be chunked, applied once",
-                ));
+                return Err(DecodeError::Malformed("the last transfer coding must be chunked, applied once"));
             }
             // 4. Codings under chunked (gzip, ...) are not implemented (§6.1: 501).
             if self.codings != 1 {
@@ -404,10 +367,7 @@ impl Framing {
 
 /// Splits a comma-separated field value into trimmed, non-empty items (RFC 9110 §5.6.1).
 fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value
-        .split(|&b| b == b',')
-        .map(trim)
-        .filter(|item| !item.is_empty())
+    value.split(|&b| b == b',').map(trim).filter(|item| !item.is_empty())
 }
 
 /// Trims optional whitespace (SP, HTAB) from both ends.
@@ -472,10 +432,7 @@ impl BodyDecoder {
             BodyDecoder::Length(remaining) => {
                 let n = (*remaining).min(input.len() as u64).min(max as u64) as usize;
                 *remaining -= n as u64;
-                Ok(Decoded {
-                    consumed: n,
-                    data: 0..n,
-                })
+                Ok(Decoded { consumed: n, data: 0..n })
             }
             BodyDecoder::Chunked(chunked) => chunked.decode(input, max),
         }
@@ -550,12 +507,7 @@ impl Default for ChunkedDecoder {
 impl ChunkedDecoder {
     /// A decoder at the start of a chunked body.
     pub fn new() -> ChunkedDecoder {
-        ChunkedDecoder {
-            state: Chunk::Size(0),
-            size: 0,
-            ext_bytes: 0,
-            trailer_bytes: 0,
-        }
+        ChunkedDecoder { state: Chunk::Size(0), size: 0, ext_bytes: 0, trailer_bytes: 0 }
     }
 
     /// See [`BodyDecoder::decode`].
@@ -570,10 +522,7 @@ impl ChunkedDecoder {
                     if self.size == 0 {
                         self.state = Chunk::DataCr;
                     }
-                    return Ok(Decoded {
-                        consumed: i + n,
-                        data: i..i + n,
-                    });
+                    return Ok(Decoded { consumed: i + n, data: i..i + n });
                 }
                 _ => {
                     self.step(input[i])?;
@@ -581,10 +530,7 @@ impl ChunkedDecoder {
                 }
             }
         }
-        Ok(Decoded {
-            consumed: i,
-            data: i..i,
-        })
+        Ok(Decoded { consumed: i, data: i..i })
     }
 
     /// Advances the grammar by one framing byte.
@@ -613,9 +559,7 @@ impl ChunkedDecoder {
                 Chunk::Ext
             }
             (Chunk::Ext, b'\n') => return Err(BARE_LF),
-            (Chunk::Ext, _) => {
-                return Err(DecodeError::Malformed("invalid byte in a chunk extension"))
-            }
+            (Chunk::Ext, _) => return Err(DecodeError::Malformed("invalid byte in a chunk extension")),
             (Chunk::SizeLf, b'\n') => {
                 self.ext_bytes = 0;
                 if self.size == 0 {
@@ -625,9 +569,7 @@ impl ChunkedDecoder {
                 }
             }
             (Chunk::DataCr, b'\r') => Chunk::DataLf,
-            (Chunk::DataCr, _) => {
-                return Err(DecodeError::Malformed("chunk data is longer than its size"))
-            }
+            (Chunk::DataCr, _) => return Err(DecodeError::Malformed("chunk data is longer than its size")),
             (Chunk::DataLf, b'\n') => {
                 self.size = 0;
                 Chunk::Size(0)
@@ -647,9 +589,7 @@ impl ChunkedDecoder {
             }
             (Chunk::TrailerLf, b'\n') => Chunk::TrailerStart,
             (Chunk::EndLf, b'\n') => Chunk::Done,
-            (Chunk::SizeLf | Chunk::DataLf | Chunk::TrailerLf | Chunk::EndLf, _) => {
-                return Err(BARE_LF)
-            }
+            (Chunk::SizeLf | Chunk::DataLf | Chunk::TrailerLf | Chunk::EndLf, _) => return Err(BARE_LF),
             (Chunk::Data | Chunk::Done, _) => unreachable!("data and done are handled by decode"),
         };
         Ok(())
@@ -671,10 +611,7 @@ fn is_text(b: u8) -> bool {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits {
-        max_head_bytes: 1024,
-        max_headers: 8,
-    };
+    const LIMITS: Limits = Limits { max_head_bytes: 1024, max_headers: 8 };
 
     fn parse(input: &str) -> Result<Option<(Head, usize)>, DecodeError> {
         parse_head(input.as_bytes(), LIMITS)
@@ -700,11 +637,7 @@ mod tests {
     /// Every prefix of a complete head is "need more", never an error.
     fn assert_prefixes_incomplete(input: &str) {
         for end in 0..input.len() {
-            assert!(
-                matches!(parse(&input[..end]), Ok(None)),
-                "prefix {:?}",
-                &input[..end]
-            );
+            assert!(matches!(parse(&input[..end]), Ok(None)), "prefix {:?}", &input[..end]);
         }
     }
 
@@ -742,20 +675,11 @@ mod tests {
     fn keep_alive_rules() {
         let table = [
             ("GET / HTTP/1.1\r\nHost: h\r\n\r\n", true),
-            (
-                "GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
-                false,
-            ),
-            (
-                "GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, CLOSE\r\n\r\n",
-                false,
-            ),
+            ("GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", false),
+            ("GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, CLOSE\r\n\r\n", false),
             ("GET / HTTP/1.0\r\n\r\n", false),
             ("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", true),
-            (
-                "GET / HTTP/1.0\r\nConnection: Keep-Alive, close\r\n\r\n",
-                false,
-            ),
+            ("GET / HTTP/1.0\r\nConnection: Keep-Alive, close\r\n\r\n", false),
         ];
         for (input, keep_alive) in table {
             assert_eq!(head(input).keep_alive, keep_alive, "{input:?}");
@@ -767,10 +691,7 @@ mod tests {
         let table = [
             ("Content-Length: 10\r\n", BodyLength::Length(10)),
             ("Content-Length: 0\r\n", BodyLength::Length(0)),
-            (
-                "Content-Length: 7\r\nContent-Length: 7\r\n",
-                BodyLength::Length(7),
-            ),
+            ("Content-Length: 7\r\nContent-Length: 7\r\n", BodyLength::Length(7)),
             ("Content-Length: 7, 7\r\n", BodyLength::Length(7)),
             ("Transfer-Encoding: chunked\r\n", BodyLength::Chunked),
             ("Transfer-Encoding: Chunked\r\n", BodyLength::Chunked),
@@ -803,10 +724,7 @@ mod tests {
         ];
         for fields in malformed {
             let input = format!("POST / HTTP/1.1\r\nHost: h\r\n{fields}\r\n");
-            assert!(
-                matches!(err(&input), DecodeError::Malformed(_)),
-                "{fields:?}"
-            );
+            assert!(matches!(err(&input), DecodeError::Malformed(_)), "{fields:?}");
         }
         let input = "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
         assert_eq!(err(input), DecodeError::UnsupportedTransferCoding);
@@ -816,26 +734,11 @@ mod tests {
 
     #[test]
     fn host_rules() {
-        assert!(matches!(
-            err("GET / HTTP/1.1\r\n\r\n"),
-            DecodeError::Malformed(_)
-        ));
-        assert!(matches!(
-            err("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
-            DecodeError::Malformed(_)
-        ));
-        assert!(matches!(
-            err("GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n"),
-            DecodeError::Malformed(_)
-        ));
-        assert!(matches!(
-            err("GET / HTTP/1.1\r\nHost: a/b\r\n\r\n"),
-            DecodeError::Malformed(_)
-        ));
-        assert!(matches!(
-            err("GET / HTTP/1.1\r\nHost: u@a\r\n\r\n"),
-            DecodeError::Malformed(_)
-        ));
+        assert!(matches!(err("GET / HTTP/1.1\r\n\r\n"), DecodeError::Malformed(_)));
+        assert!(matches!(err("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"), DecodeError::Malformed(_)));
+        assert!(matches!(err("GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n"), DecodeError::Malformed(_)));
+        assert!(matches!(err("GET / HTTP/1.1\r\nHost: a/b\r\n\r\n"), DecodeError::Malformed(_)));
+        assert!(matches!(err("GET / HTTP/1.1\r\nHost: u@a\r\n\r\n"), DecodeError::Malformed(_)));
         head("GET / HTTP/1.0\r\n\r\n");
         head("GET / HTTP/1.1\r\nHost:\r\n\r\n");
         head("GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n");
@@ -844,14 +747,14 @@ mod tests {
     #[test]
     fn malformed_heads() {
         let table = [
-            "GET / HTTP/1.1\r\nHost : h\r\n\r\n", // whitespace before colon
+            "GET / HTTP/1.1\r\nHost : h\r\n\r\n",              // whitespace before colon
             "GET / HTTP/1.1\r\nHost: h\r\nX: a\r\n b\r\n\r\n", // obs-fold
-            "GET / HTTP/1.1\rHost: h\r\n\r\n",    // bare CR
-            "GET / HTTP/1.1\r\nHost: h\rX: y\r\n\r\n", // bare CR in a field
-            "GET  / HTTP/1.1\r\nHost: h\r\n\r\n", // double space
-            "GET /\x7f HTTP/1.1\r\nHost: h\r\n\r\n", // control byte in target
-            "G@T / HTTP/1.1\r\nHost: h\r\n\r\n",  // bad method token
-            "GET / HTXP/1.1\r\nHost: h\r\n\r\n",  // not HTTP
+            "GET / HTTP/1.1\rHost: h\r\n\r\n",                 // bare CR
+            "GET / HTTP/1.1\r\nHost: h\rX: y\r\n\r\n",         // bare CR in a field
+            "GET  / HTTP/1.1\r\nHost: h\r\n\r\n",              // double space
+            "GET /\x7f HTTP/1.1\r\nHost: h\r\n\r\n",           // control byte in target
+            "G@T / HTTP/1.1\r\nHost: h\r\n\r\n",               // bad method token
+            "GET / HTXP/1.1\r\nHost: h\r\n\r\n",               // not HTTP
             "GET / HTTP/1.1 x\r\nHost: h\r\n\r\n",
             "GET / HTTP/11\r\nHost: h\r\n\r\n",
             "GET / HTTP/1.1\r\n: empty-name\r\n\r\n",
@@ -869,57 +772,29 @@ mod tests {
     #[test]
     fn target_forms() {
         assert_eq!(head("OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n").uri, "*");
-        assert_eq!(
-            head("CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n")
-                .uri
-                .authority()
-                .unwrap(),
-            "h:443"
-        );
+        assert_eq!(head("CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n").uri.authority().unwrap(), "h:443");
         let h = head("GET http://h/x?y HTTP/1.1\r\nHost: h\r\n\r\n");
         assert_eq!((h.uri.host(), h.uri.path()), (Some("h"), "/x"));
     }
 
     #[test]
     fn versions() {
-        assert_eq!(
-            err("GET / HTTP/2.0\r\nHost: h\r\n\r\n"),
-            DecodeError::UnsupportedVersion
-        );
-        assert_eq!(
-            err("GET / HTTP/1.2\r\nHost: h\r\n\r\n"),
-            DecodeError::UnsupportedVersion
-        );
-        assert_eq!(
-            err("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
-            DecodeError::UnsupportedVersion
-        );
-        assert_eq!(
-            err("GET / HTTP/0.9\r\n\r\n"),
-            DecodeError::UnsupportedVersion
-        );
+        assert_eq!(err("GET / HTTP/2.0\r\nHost: h\r\n\r\n"), DecodeError::UnsupportedVersion);
+        assert_eq!(err("GET / HTTP/1.2\r\nHost: h\r\n\r\n"), DecodeError::UnsupportedVersion);
+        assert_eq!(err("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), DecodeError::UnsupportedVersion);
+        assert_eq!(err("GET / HTTP/0.9\r\n\r\n"), DecodeError::UnsupportedVersion);
         // Undecided until the whole token is in, whatever the split.
         let input = "GET / HTTP/3.0\r\n";
         for end in 0..input.len() {
-            assert!(
-                matches!(parse(&input[..end]), Ok(None)),
-                "prefix {:?}",
-                &input[..end]
-            );
+            assert!(matches!(parse(&input[..end]), Ok(None)), "prefix {:?}", &input[..end]);
         }
     }
 
     #[test]
     fn limits() {
         let many: String = (0..9).map(|i| format!("X-{i}: v\r\n")).collect();
-        assert_eq!(
-            err(&format!("GET / HTTP/1.1\r\nHost: h\r\n{many}\r\n")),
-            DecodeError::TooManyHeaders
-        );
-        let big = format!(
-            "GET / HTTP/1.1\r\nHost: h\r\nX: {}\r\n\r\n",
-            "a".repeat(1024)
-        );
+        assert_eq!(err(&format!("GET / HTTP/1.1\r\nHost: h\r\n{many}\r\n")), DecodeError::TooManyHeaders);
+        let big = format!("GET / HTTP/1.1\r\nHost: h\r\nX: {}\r\n\r\n", "a".repeat(1024));
         assert_eq!(err(&big), DecodeError::HeadTooLarge);
         // An incomplete head longer than the limit is refused without waiting for the rest.
         assert_eq!(err(&big[..1030]), DecodeError::HeadTooLarge);
@@ -945,10 +820,7 @@ mod tests {
         assert!(!scanner.ready(b"GET / HTTP/1.0\nA: b\r", 1024));
         assert!(scanner.ready(b"GET / HTTP/1.0\nA: b\r\n\r\n", 1024));
         let mut scanner = HeadScanner::default();
-        assert!(
-            scanner.ready(&[b'a'; 11], 10),
-            "over the limit: parse to get 431"
-        );
+        assert!(scanner.ready(&[b'a'; 11], 10), "over the limit: parse to get 431");
     }
 
     #[test]
@@ -961,20 +833,13 @@ mod tests {
 
     #[test]
     fn expectations() {
-        let h =
-            head("POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-Continue\r\nContent-Length: 3\r\n\r\n");
+        let h = head("POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-Continue\r\nContent-Length: 3\r\n\r\n");
         assert!(h.expect_continue);
         // Nothing to continue with: no body.
         assert!(!head("GET / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n\r\n").expect_continue);
         // Ignored in HTTP/1.0.
-        assert!(
-            !head("POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
-                .expect_continue
-        );
-        assert_eq!(
-            err("POST / HTTP/1.1\r\nHost: h\r\nExpect: teapot\r\n\r\n"),
-            DecodeError::UnsupportedExpectation
-        );
+        assert!(!head("POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n").expect_continue);
+        assert_eq!(err("POST / HTTP/1.1\r\nHost: h\r\nExpect: teapot\r\n\r\n"), DecodeError::UnsupportedExpectation);
     }
 
     /// Decodes `input` split into pieces at `splits`, with at most `max` data bytes a step.
@@ -1010,49 +875,26 @@ mod tests {
     }
 
     /// Every single split point and every small `max` give the same answer as one piece.
-    fn assert_all_splits(
-        length: BodyLength,
-        input: &[u8],
-        expected: Result<(&[u8], usize), DecodeError>,
-    ) {
+    fn assert_all_splits(length: BodyLength, input: &[u8], expected: Result<(&[u8], usize), DecodeError>) {
         let expected = expected.map(|(data, used)| (data.to_vec(), used));
         for max in [1, 2, 3, 7, usize::MAX] {
-            assert_eq!(
-                decode_split(length, input, &[], max),
-                expected,
-                "whole, max {max}"
-            );
+            assert_eq!(decode_split(length, input, &[], max), expected, "whole, max {max}");
             for split in 0..=input.len() {
-                assert_eq!(
-                    decode_split(length, input, &[split], max),
-                    expected,
-                    "split at {split}, max {max}"
-                );
+                assert_eq!(decode_split(length, input, &[split], max), expected, "split at {split}, max {max}");
             }
         }
         // One byte at a time.
         let every: Vec<usize> = (1..input.len()).collect();
-        assert_eq!(
-            decode_split(length, input, &every, usize::MAX),
-            expected,
-            "byte by byte"
-        );
+        assert_eq!(decode_split(length, input, &every, usize::MAX), expected, "byte by byte");
     }
 
     fn chunked_ok(input: &str, data: &str) {
-        assert_all_splits(
-            BodyLength::Chunked,
-            input.as_bytes(),
-            Ok((data.as_bytes(), input.len())),
-        );
+        assert_all_splits(BodyLength::Chunked, input.as_bytes(), Ok((data.as_bytes(), input.len())));
     }
 
     fn chunked_err(input: &str) {
         let got = decode_split(BodyLength::Chunked, input.as_bytes(), &[], usize::MAX);
-        assert!(
-            matches!(got, Err(DecodeError::Malformed(_))),
-            "{input:?} gave {got:?}"
-        );
+        assert!(matches!(got, Err(DecodeError::Malformed(_))), "{input:?} gave {got:?}");
         for split in 0..=input.len() {
             let got = decode_split(BodyLength::Chunked, input.as_bytes(), &[split], 1);
             assert!(got.is_err(), "{input:?} split at {split} gave {got:?}");
@@ -1076,10 +918,7 @@ mod tests {
         chunked_ok("a\r\n0123456789\r\n0000\r\n\r\n", "0123456789");
         chunked_ok("5;name=value;x=\"q\"\r\nhello\r\n0;last\r\n\r\n", "hello");
         chunked_ok("5 ;ext\r\nhello\r\n0 \r\n\r\n", "hello");
-        chunked_ok(
-            "5\r\nhello\r\n0\r\nTrailer: one\r\nOther: two\r\n\r\n",
-            "hello",
-        );
+        chunked_ok("5\r\nhello\r\n0\r\nTrailer: one\r\nOther: two\r\n\r\n", "hello");
     }
 
     #[test]
@@ -1110,10 +949,7 @@ mod tests {
         for input in table {
             chunked_err(input);
         }
-        let long_ext = format!(
-            "1;{}\r\na\r\n0\r\n\r\n",
-            "e".repeat(MAX_CHUNK_EXT_BYTES + 1)
-        );
+        let long_ext = format!("1;{}\r\na\r\n0\r\n\r\n", "e".repeat(MAX_CHUNK_EXT_BYTES + 1));
         chunked_err(&long_ext);
         let long_trailer = format!("0\r\nX: {}\r\n\r\n", "t".repeat(MAX_TRAILER_BYTES));
         chunked_err(&long_trailer);

@@ -61,10 +61,7 @@ pub fn encode_head(out: &mut Vec<u8>, head: &ResponseHead<'_>) {
         out.extend_from_slice(CRLF);
     }
     for (name, value) in head.headers {
-        if name == header::CONNECTION
-            || name == header::CONTENT_LENGTH
-            || name == header::TRANSFER_ENCODING
-        {
+        if name == header::CONNECTION || name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
@@ -91,10 +88,7 @@ pub fn encode_head(out: &mut Vec<u8>, head: &ResponseHead<'_>) {
 /// Appends a complete plain-text error response that closes the connection.
 pub fn encode_error(out: &mut Vec<u8>, status: StatusCode, message: &str, date: &[u8; DATE_LEN]) {
     let mut fields = HeaderMap::new();
-    fields.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    fields.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     let head = ResponseHead {
         status,
         headers: &fields,
@@ -129,10 +123,8 @@ pub fn encode_chunk_size(out: &mut Vec<u8>, len: usize) {
 /// Formats seconds since the Unix epoch as an IMF-fixdate (RFC 9110 §5.6.7).
 pub fn encode_date(unix_secs: u64) -> [u8; DATE_LEN] {
     const DAYS: [&[u8; 3]; 7] = [b"Sun", b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat"];
-    const MONTHS: [&[u8; 3]; 12] = [
-        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
-        b"Dec",
-    ];
+    const MONTHS: [&[u8; 3]; 12] =
+        [b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec"];
     let days = unix_secs / 86_400;
     let secs = unix_secs % 86_400;
     // Civil date from days since 1970-01-01 (Howard Hinnant's days_from_civil, inverted).
@@ -168,13 +160,7 @@ mod tests {
 
     const DATE: &[u8; DATE_LEN] = b"Sun, 06 Nov 1994 08:49:37 GMT";
 
-    fn head(
-        status: u16,
-        headers: &HeaderMap,
-        length: Option<u64>,
-        chunked: bool,
-        connection: Connection,
-    ) -> String {
+    fn head(status: u16, headers: &HeaderMap, length: Option<u64>, chunked: bool, connection: Connection) -> String {
         let mut out = Vec::new();
         encode_head(
             &mut out,
@@ -226,12 +212,7 @@ mod tests {
     #[test]
     fn error_response() {
         let mut out = b"previous".to_vec();
-        encode_error(
-            &mut out,
-            StatusCode::BAD_REQUEST,
-            "invalid chunk size line",
-            DATE,
-        );
+        encode_error(&mut out, StatusCode::BAD_REQUEST, "invalid chunk size line", DATE);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "previousHTTP/1.1 400 Bad Request\r\ndate: Sun, 06 Nov 1994 08:49:37 GMT\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 24\r\nconnection: close\r\n\r\ninvalid chunk size line\n"
@@ -240,13 +221,7 @@ mod tests {
 
     #[test]
     fn chunk_sizes() {
-        for (len, text) in [
-            (0, "0\r\n"),
-            (1, "1\r\n"),
-            (15, "f\r\n"),
-            (16, "10\r\n"),
-            (0x1a2b, "1a2b\r\n"),
-        ] {
+        for (len, text) in [(0, "0\r\n"), (1, "1\r\n"), (15, "f\r\n"), (16, "10\r\n"), (0x1a2b, "1a2b\r\n")] {
             let mut out = Vec::new();
             encode_chunk_size(&mut out, len);
             assert_eq!(out, text.as_bytes());
@@ -267,11 +242,7 @@ mod tests {
             (253_402_300_799, "Fri, 31 Dec 9999 23:59:59 GMT"),
         ];
         for (secs, text) in table {
-            assert_eq!(
-                std::str::from_utf8(&encode_date(secs)).unwrap(),
-                text,
-                "{secs}"
-            );
+            assert_eq!(std::str::from_utf8(&encode_date(secs)).unwrap(), text, "{secs}");
         }
     }
 }

@@ -73,11 +73,7 @@ pub(crate) trait Io: Send + Sync + 'static {
     /// idle connection holds no buffer.
     fn poll_readable(&self, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>>;
     /// Writes from `bufs` in order.
-    fn poll_write_vectored(
-        &self,
-        cx: &mut TaskContext<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>>;
+    fn poll_write_vectored(&self, cx: &mut TaskContext<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>>;
     /// Shuts the sending side (FIN), keeping the receiving side open.
     fn shutdown_write(&self);
 }
@@ -91,11 +87,7 @@ impl Io for Async<TcpStream> {
         Async::poll_readable(self, cx)
     }
 
-    fn poll_write_vectored(
-        &self,
-        cx: &mut TaskContext<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(&self, cx: &mut TaskContext<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
         futures_lite::AsyncWrite::poll_write_vectored(Pin::new(&mut &*self), cx, bufs)
     }
 
@@ -134,11 +126,7 @@ pub(crate) struct Context<H> {
 }
 
 /// Serves one connection until it closes; returns why it closed, if not cleanly.
-pub(crate) async fn serve<I: Io, H: Handler>(
-    io: I,
-    peer: SocketAddr,
-    ctx: &Context<H>,
-) -> Result<(), Error> {
+pub(crate) async fn serve<I: Io, H: Handler>(io: I, peer: SocketAddr, ctx: &Context<H>) -> Result<(), Error> {
     let mut conn = Conn {
         shared: Arc::new(Shared {
             io,
@@ -210,10 +198,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
             // 1. Wait for the next request's first byte, unless it is already buffered.
             if self.shared.lock().buf.is_empty() {
                 let (phase, deadline) = if first {
-                    (
-                        Phase::HeaderRead,
-                        after(accepted, settings.header_read_timeout),
-                    )
+                    (Phase::HeaderRead, after(accepted, settings.header_read_timeout))
                 } else {
                     (Phase::Idle, after(Instant::now(), settings.idle_timeout))
                 };
@@ -228,8 +213,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
             //    from its first byte for the others.
             let start = if first { accepted } else { Instant::now() };
             first = false;
-            self.deadline
-                .set(after(start, settings.header_read_timeout));
+            self.deadline.set(after(start, settings.header_read_timeout));
             let head = match self.read_head().await {
                 Ok(Some(head)) => head,
                 Ok(None) => return Ok(()),
@@ -242,14 +226,8 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                     let e = self.timed_out(Phase::HeaderRead);
                     if partial {
                         ctx.metrics.response(408);
-                        let message =
-                            "the request head took longer than the server's header read timeout";
-                        encode::encode_error(
-                            &mut self.out,
-                            StatusCode::REQUEST_TIMEOUT,
-                            message,
-                            &date(),
-                        );
+                        let message = "the request head took longer than the server's header read timeout";
+                        encode::encode_error(&mut self.out, StatusCode::REQUEST_TIMEOUT, message, &date());
                         self.linger().await;
                     }
                     return Err(e);
@@ -326,15 +304,8 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                 }
             }
             // Never wait for input while holding responses the client may be waiting for.
-            let Conn {
-                shared,
-                out,
-                deadline,
-                ..
-            } = self;
-            let timed_out = || HeadError::TimedOut {
-                partial: !shared.lock().buf.is_empty(),
-            };
+            let Conn { shared, out, deadline, .. } = self;
+            let timed_out = || HeadError::TimedOut { partial: !shared.lock().buf.is_empty() };
             if !out.is_empty() {
                 match deadline.race(flush(&shared.io, out)).await {
                     Some(Ok(())) => {}
@@ -353,11 +324,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
     /// Answers a request the codec refused, and counts it.
     fn reject(&mut self, e: DecodeError) {
         let status = decode_status(&e);
-        log::debug!(
-            "{}: refused a request with {status}: {}",
-            self.peer,
-            e.reason()
-        );
+        log::debug!("{}: refused a request with {status}: {}", self.peer, e.reason());
         self.ctx.metrics.rejected(Reject::from(&e));
         self.ctx.metrics.response(status.as_u16());
         encode::encode_error(&mut self.out, status, e.reason(), &date());
@@ -369,18 +336,10 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
         let ctx = self.ctx;
         let metrics = &ctx.metrics;
         metrics.request_started();
-        self.deadline
-            .set(after(started, ctx.settings.write_timeout));
+        self.deadline.set(after(started, ctx.settings.write_timeout));
         let mut progress = Progress::default();
-        let Conn {
-            shared,
-            deadline,
-            out,
-            ..
-        } = self;
-        let work = Box::pin(
-            AssertUnwindSafe(respond(shared, out, ctx, head, &mut progress)).catch_unwind(),
-        );
+        let Conn { shared, deadline, out, .. } = self;
+        let work = Box::pin(AssertUnwindSafe(respond(shared, out, ctx, head, &mut progress)).catch_unwind());
         let outcome = deadline.race(work).await;
         // The request body, if still held somewhere, can no longer be read.
         self.shared.lock().request += 1;
@@ -389,19 +348,11 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
             Some(Err(panic)) => {
                 metrics.panicked();
                 let peer = self.peer;
-                log::error!(
-                    "{peer}: handler panicked: {}; answering 500 and closing",
-                    panic_message(&panic)
-                );
+                log::error!("{peer}: handler panicked: {}; answering 500 and closing", panic_message(&panic));
                 if !progress.head_written {
                     progress.status = Some(500);
                     let message = "internal server error (the handler panicked)";
-                    encode::encode_error(
-                        &mut self.out,
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        message,
-                        &date(),
-                    );
+                    encode::encode_error(&mut self.out, StatusCode::INTERNAL_SERVER_ERROR, message, &date());
                 }
                 Ok(Next::Linger)
             }
@@ -414,12 +365,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                 }
                 progress.status = Some(503);
                 let message = "the request took longer than the server's write timeout";
-                encode::encode_error(
-                    &mut self.out,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    message,
-                    &date(),
-                );
+                encode::encode_error(&mut self.out, StatusCode::SERVICE_UNAVAILABLE, message, &date());
                 Ok(Next::Linger)
             }
         };
@@ -431,12 +377,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
     /// [`LINGER`] passes or [`LINGER_BYTES`] arrive; then the connection closes.
     async fn linger(&mut self) {
         self.deadline.set(Some(Instant::now() + LINGER));
-        let Conn {
-            shared,
-            out,
-            deadline,
-            ..
-        } = self;
+        let Conn { shared, out, deadline, .. } = self;
         if !matches!(deadline.race(flush(&shared.io, out)).await, Some(Ok(()))) {
             return;
         }
@@ -487,45 +428,24 @@ async fn respond<I: Io, H: Handler>(
     head: Head,
     progress: &mut Progress,
 ) -> Result<Next, Error> {
-    let Head {
-        method,
-        uri,
-        version,
-        headers,
-        body: length,
-        keep_alive,
-        expect_continue,
-    } = head;
+    let Head { method, uri, version, headers, body: length, keep_alive, expect_continue } = head;
     let request = {
         let mut st = shared.lock();
         st.request += 1;
         st.body = BodyDecoder::new(length);
-        st.expect = if expect_continue {
-            Continue::Waiting
-        } else {
-            Continue::None
-        };
+        st.expect = if expect_continue { Continue::Waiting } else { Continue::None };
         st.head_started = false;
         st.request
     };
     let body = match length {
         BodyLength::Length(0) => Body::empty(),
         BodyLength::Length(n) => Body::incoming(
-            Incoming {
-                source: shared.clone(),
-                request,
-                remaining: Some(n),
-            },
+            Incoming { source: shared.clone(), request, remaining: Some(n) },
             ctx.settings.max_body_bytes,
         ),
-        BodyLength::Chunked => Body::incoming(
-            Incoming {
-                source: shared.clone(),
-                request,
-                remaining: None,
-            },
-            ctx.settings.max_body_bytes,
-        ),
+        BodyLength::Chunked => {
+            Body::incoming(Incoming { source: shared.clone(), request, remaining: None }, ctx.settings.max_body_bytes)
+        }
     };
     let is_head = method == Method::HEAD;
     let mut req = Request::new(body);
@@ -565,15 +485,9 @@ async fn respond<I: Io, H: Handler>(
     let status = parts.status;
     let declared = declared_length(&parts.headers);
     let mut close = !keep_alive || asks_close(&parts.headers) || status.is_informational();
-    let bodiless = status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
+    let bodiless = status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let (content_length, chunked, send_body) = if bodiless {
-        (
-            declared.filter(|_| status == StatusCode::NOT_MODIFIED),
-            false,
-            false,
-        )
+        (declared.filter(|_| status == StatusCode::NOT_MODIFIED), false, false)
     } else if is_head {
         let length = match body.len() {
             Some(n) if n > 0 => Some(n),
@@ -676,22 +590,15 @@ async fn respond<I: Io, H: Handler>(
 
 /// The handler's `Content-Length`, if it set a valid one.
 fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
 /// Whether the handler's `Connection` field says `close`.
 fn asks_close(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-    })
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")))
 }
 
 /// Streams `body` after the head in `out`: chunked, or exactly `length` bytes. Returns false
@@ -706,18 +613,22 @@ async fn write_stream<I: Io>(
     let mut chunk = vec![0u8; STREAM_CHUNK];
     let mut left = length;
     loop {
-        let want = left
-            .map_or(chunk.len(), |left| (left.min(chunk.len() as u64)) as usize)
-            .max(1);
-        let n = poll_fn(|cx| body.poll_read_body(cx, &mut chunk[..want])).await?;
+        let want = left.map_or(chunk.len(), |left| (left.min(chunk.len() as u64)) as usize).max(1);
+        // Never wait for the body while holding the head (or a 100 Continue) back.
+        let mut read = pin!(poll_fn(|cx| body.poll_read_body(cx, &mut chunk[..want])));
+        let n = match poll_once(read.as_mut()).await {
+            Some(n) => n?,
+            None => {
+                flush(io, out).await?;
+                read.await?
+            }
+        };
         if n == 0 {
             break;
         }
         if let Some(left) = &mut left {
             if n as u64 > *left {
-                log::error!(
-                    "response body is longer than its Content-Length; closing the connection"
-                );
+                log::error!("response body is longer than its Content-Length; closing the connection");
                 flush(io, out).await?;
                 return Ok(false);
             }
@@ -793,9 +704,7 @@ fn date() -> [u8; DATE_LEN] {
     thread_local! {
         static CACHE: std::cell::Cell<(u64, [u8; DATE_LEN])> = const { std::cell::Cell::new((0, [0; DATE_LEN])) };
     }
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     CACHE.with(|cache| {
         let (secs, text) = cache.get();
         if secs == now && now != 0 {
@@ -829,11 +738,7 @@ struct Deadline {
 
 impl Default for Deadline {
     fn default() -> Self {
-        Deadline {
-            timer: Timer::never(),
-            when: None,
-            armed: None,
-        }
+        Deadline { timer: Timer::never(), when: None, armed: None }
     }
 }
 
@@ -916,11 +821,7 @@ impl<I: Io> Shared<I> {
     }
 
     /// [`Shared::poll_fill`] with the lock held.
-    fn poll_fill_locked(
-        &self,
-        st: &mut ReadState,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<io::Result<usize>> {
+    fn poll_fill_locked(&self, st: &mut ReadState, cx: &mut TaskContext<'_>) -> Poll<io::Result<usize>> {
         if st.eof {
             return Poll::Ready(Ok(0));
         }
@@ -938,17 +839,11 @@ impl<I: Io> Shared<I> {
                 Continue::Sending(sent) if !st.head_started => sent,
                 _ => return Poll::Ready(Ok(())),
             };
-            let n = ready!(self
-                .io
-                .poll_write_vectored(cx, &[IoSlice::new(&CONTINUE[sent..])]))?;
+            let n = ready!(self.io.poll_write_vectored(cx, &[IoSlice::new(&CONTINUE[sent..])]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            st.expect = if sent + n == CONTINUE.len() {
-                Continue::Sent
-            } else {
-                Continue::Sending(sent + n)
-            };
+            st.expect = if sent + n == CONTINUE.len() { Continue::Sent } else { Continue::Sending(sent + n) };
         }
     }
 
@@ -961,9 +856,7 @@ impl<I: Io> Shared<I> {
         mut out: Option<&mut [u8]>,
         max: u64,
     ) -> Poll<Result<usize, Error>> {
-        let max = out
-            .as_ref()
-            .map_or(max.min(usize::MAX as u64) as usize, |o| o.len());
+        let max = out.as_ref().map_or(max.min(usize::MAX as u64) as usize, |o| o.len());
         loop {
             if let Some(e) = st.error {
                 return Poll::Ready(Err(Error::BadRequest(e.reason())));
@@ -1016,12 +909,7 @@ impl<I: Io> Shared<I> {
 }
 
 impl<I: Io> Source for Shared<I> {
-    fn poll_body(
-        &self,
-        cx: &mut TaskContext<'_>,
-        buf: &mut [u8],
-        request: u64,
-    ) -> Poll<Result<usize, Error>> {
+    fn poll_body(&self, cx: &mut TaskContext<'_>, buf: &mut [u8], request: u64) -> Poll<Result<usize, Error>> {
         let mut st = self.lock();
         if st.request != request {
             let e = io::Error::other("request body read after its exchange ended");

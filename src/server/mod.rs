@@ -36,11 +36,7 @@ pub(crate) struct Listener {
 impl Listener {
     /// Binds `addr`; the error names the server and the address.
     pub(crate) fn bind(name: &'static str, addr: SocketAddr) -> Result<Listener> {
-        let bind_error = |source| Error::Bind {
-            server: name,
-            addr,
-            source,
-        };
+        let bind_error = |source| Error::Bind { server: name, addr, source };
         let listener = TcpListener::bind(addr).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
         let inner = Async::new(listener).map_err(bind_error)?;
@@ -67,17 +63,8 @@ pub(crate) struct Server<H> {
 
 impl<H: Handler> Server<H> {
     /// A server that will accept on `listener`.
-    pub(crate) fn new(
-        listener: Listener,
-        ctx: Context<H>,
-        max_connections: Option<usize>,
-    ) -> Server<H> {
-        Server {
-            listener,
-            ctx: Arc::new(ctx),
-            connections: Counter::default(),
-            max_connections,
-        }
+    pub(crate) fn new(listener: Listener, ctx: Context<H>, max_connections: Option<usize>) -> Server<H> {
+        Server { listener, ctx: Arc::new(ctx), connections: Counter::default(), max_connections }
     }
 
     /// The open-connection counter.
@@ -89,21 +76,10 @@ impl<H: Handler> Server<H> {
     /// listener (new connections are refused from then on), and resolves once every
     /// connection has closed.
     pub(crate) async fn run(self, ex: Arc<Executor<'static>>) {
-        let Server {
-            listener,
-            ctx,
-            connections,
-            max_connections,
-        } = self;
+        let Server { listener, ctx, connections, max_connections } = self;
         let name = listener.name;
         let spawner = Arc::downgrade(&ex);
-        let accepting = ex.spawn(accept_loop(
-            listener,
-            ctx.clone(),
-            connections.clone(),
-            max_connections,
-            spawner,
-        ));
+        let accepting = ex.spawn(accept_loop(listener, ctx.clone(), connections.clone(), max_connections, spawner));
         accepting.await;
         let open = connections.count();
         if open > 0 {
@@ -125,11 +101,7 @@ async fn accept_loop<H: Handler>(
 ) {
     let stop = ctx.close_idle.clone();
     let mut backoff = None;
-    log::info!(
-        "{} server: listening on http://{}",
-        listener.name,
-        listener.addr
-    );
+    log::info!("{} server: listening on http://{}", listener.name, listener.addr);
     loop {
         // Check, listen, re-check; the listener then serves every wait in this iteration.
         let mut closing = stop.listen();
@@ -157,25 +129,16 @@ async fn accept_loop<H: Handler>(
                 let ctx = ctx.clone();
                 ex.spawn(async move {
                     let _guard = guard;
-                    if AssertUnwindSafe(conn::serve(stream, peer, &ctx))
-                        .catch_unwind()
-                        .await
-                        .is_err()
-                    {
+                    if AssertUnwindSafe(conn::serve(stream, peer, &ctx)).catch_unwind().await.is_err() {
                         log::error!("{peer}: connection task panicked; connection closed");
                     }
                 })
                 .detach();
             }
             Some(Err(e)) => {
-                let pause = backoff.map_or(ACCEPT_BACKOFF_MIN, |d: Duration| {
-                    (d * 2).min(ACCEPT_BACKOFF_MAX)
-                });
+                let pause = backoff.map_or(ACCEPT_BACKOFF_MIN, |d: Duration| (d * 2).min(ACCEPT_BACKOFF_MAX));
                 backoff = Some(pause);
-                log::warn!(
-                    "{} server: accept failed: {e}; retrying in {pause:?}",
-                    listener.name
-                );
+                log::warn!("{} server: accept failed: {e}; retrying in {pause:?}", listener.name);
                 let slept = async {
                     Timer::after(pause).await;
                     true
@@ -196,11 +159,7 @@ async fn accept_loop<H: Handler>(
 }
 
 /// Waits until fewer than `max` connections are open (`Some`), or the drain starts (`None`).
-async fn room(
-    connections: &Counter,
-    max: usize,
-    closing: &mut event_listener::EventListener,
-) -> Option<()> {
+async fn room(connections: &Counter, max: usize, closing: &mut event_listener::EventListener) -> Option<()> {
     async { Some(connections.wait_below(max).await) }
         .or(async {
             closing.await;
@@ -222,11 +181,7 @@ pub(crate) struct Workers {
 impl Workers {
     /// Starts `threads` threads.
     pub(crate) fn start(threads: usize) -> Result<Workers> {
-        let workers = Workers {
-            ex: Arc::new(Executor::new()),
-            stop: Latch::default(),
-            running: Counter::default(),
-        };
+        let workers = Workers { ex: Arc::new(Executor::new()), stop: Latch::default(), running: Counter::default() };
         for i in 0..threads.max(1) {
             let ex = workers.ex.clone();
             let stop = workers.stop.clone();
