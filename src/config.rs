@@ -38,6 +38,7 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 2 * 1024 * 1024;
 /// config.addr = "127.0.0.1:3000".parse().unwrap();
 /// config.write_timeout = Some(Duration::from_secs(5));
 /// config.debug_addr = None; // no debug server
+/// # drop(config);
 /// ```
 ///
 /// A timeout of `None` is switched off. Switching off timeouts on a public port lets one slow
@@ -284,11 +285,9 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        let mut c = Config::default();
-        c.max_headers = 1000;
+        let c = Config { max_headers: 1000, ..Config::default() };
         assert!(c.validate().unwrap_err().to_string().contains("Config::max_headers"));
-        let mut c = Config::default();
-        c.threads = 0;
+        let c = Config { threads: 0, ..Config::default() };
         assert!(c.validate().unwrap_err().to_string().contains("Config::threads"));
     }
 }

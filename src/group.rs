@@ -51,6 +51,7 @@ const DEBUG: &str = "debug server";
 /// });
 /// group.run().await
 /// # }
+/// # fn main() { let _ = example; }
 /// ```
 pub struct Group {
     /// The configuration.

@@ -5,6 +5,7 @@
 //! # let handler = |_req| async { servicegroup::http::Response::new(servicegroup::Body::empty()) };
 //! servicegroup::run(handler, servicegroup::Config::default()).await
 //! # }
+//! # fn main() { let _ = example; }
 //! ```
 //!
 //! serves `handler` over HTTP/1.1 on `0.0.0.0:8080` with header-read, write and idle

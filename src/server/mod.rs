@@ -160,12 +160,15 @@ async fn accept_loop<H: Handler>(
 
 /// Waits until fewer than `max` connections are open (`Some`), or the drain starts (`None`).
 async fn room(connections: &Counter, max: usize, closing: &mut event_listener::EventListener) -> Option<()> {
-    async { Some(connections.wait_below(max).await) }
-        .or(async {
-            closing.await;
-            None
-        })
-        .await
+    let room = async {
+        connections.wait_below(max).await;
+        Some(())
+    };
+    room.or(async {
+        closing.await;
+        None
+    })
+    .await
 }
 
 /// The threads that run connection tasks: each drives the reactor and the shared executor.

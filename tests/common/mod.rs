@@ -2,6 +2,8 @@
 //! and a raw-socket client that reads responses byte-exactly.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::thread::JoinHandle;
@@ -63,7 +65,7 @@ impl Server {
 
     /// Whether `run` has returned.
     pub fn is_finished(&self) -> bool {
-        self.thread.as_ref().map_or(true, JoinHandle::is_finished)
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
     /// A new client connection.

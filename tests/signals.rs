@@ -1,0 +1,77 @@
+//! Real signals to the example server, run as a child process.
+
+mod common;
+
+use std::io::{self, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::time::{Duration, Instant};
+
+use common::process::Example;
+use common::{connect, eventually, exchange, get, read_to_close};
+
+fn metric(debug: std::net::SocketAddr, line: &str) -> bool {
+    exchange(debug, b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").contains(line)
+}
+
+/// Starts `/work?ms=N` and waits until it is in the handler.
+fn start_work(example: &Example, ms: u64) -> std::net::TcpStream {
+    let mut stream = connect(example.addr);
+    stream.write_all(&get(&format!("/work?ms={ms}"))).unwrap();
+    let debug = example.debug_addr.expect("debug server");
+    eventually("the request is in flight", || metric(debug, "servicegroup_requests_in_flight 1\n"));
+    stream
+}
+
+fn graceful(signal: &str) -> io::Result<()> {
+    let mut example = Example::start("", &[]);
+    let mut stream = start_work(&example, 800);
+    example.signal(signal);
+    let text = read_to_close(&mut stream);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("connection: close\r\n") && text.ends_with("worked for 800 ms\n"), "{text}");
+    let status = example.wait(common::PATIENCE);
+    let log = example.log();
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(log.contains(&format!("received SIG{signal}")), "{log}");
+    assert!(log.contains("draining 1 connection(s)") && log.contains("service server: drained"), "{log}");
+    Ok(())
+}
+
+#[test]
+fn sigterm_drains_requests_in_flight_and_exits_0() -> io::Result<()> {
+    graceful("TERM")
+}
+
+#[test]
+fn sigint_drains_requests_in_flight_and_exits_0() -> io::Result<()> {
+    graceful("INT")
+}
+
+#[test]
+fn a_second_signal_during_the_drain_exits_at_once() -> io::Result<()> {
+    for (signal, number) in [("INT", 2), ("TERM", 15)] {
+        let mut example = Example::start("", &[]);
+        let _stream = start_work(&example, 20_000);
+        let debug = example.debug_addr.unwrap();
+        example.signal(signal);
+        eventually("the first signal is handled", || metric(debug, "servicegroup_shutting_down 1\n"));
+        let start = Instant::now();
+        example.signal(signal);
+        let status = example.wait(common::PATIENCE);
+        assert_eq!(status.signal(), Some(number), "ended by the signal's default action: {status:?}");
+        assert!(start.elapsed() < Duration::from_secs(10), "did not wait for the 20 s request");
+        assert!(example.log().contains("during the drain; exiting now"), "{}", example.log());
+    }
+    Ok(())
+}
+
+#[test]
+fn a_bad_environment_value_is_reported_and_the_exit_is_nonzero() -> io::Result<()> {
+    let output = std::process::Command::new(common::process::example_server())
+        .env("SERVICEGROUP_WRITE_TIMEOUT_MS", "soon")
+        .output()?;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("SERVICEGROUP_WRITE_TIMEOUT_MS") && stderr.contains("soon"), "{stderr}");
+    Ok(())
+}
