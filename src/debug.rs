@@ -248,6 +248,18 @@ mod profile {
         use super::*;
 
         #[test]
+        fn a_second_profile_is_refused_while_one_runs() {
+            use futures_lite::future::{block_on, poll_once};
+            let mut first = Box::pin(take(1, false));
+            assert!(block_on(poll_once(&mut first)).is_none(), "the first profile is running");
+            assert_eq!(block_on(take(1, true)).status(), StatusCode::CONFLICT);
+            drop(first);
+            // Cancelling the first gives the turn back.
+            let mut third = Box::pin(take(1, false));
+            assert!(block_on(poll_once(&mut third)).is_none());
+        }
+
+        #[test]
         fn crc32_check_value() {
             assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
         }
