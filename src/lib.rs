@@ -103,6 +103,10 @@ mod shutdown;
 mod signal;
 mod supervisor;
 
+#[doc(hidden)]
+#[path = "fuzz.rs"]
+pub mod __fuzz;
+
 pub use body::Body;
 pub use config::{
     Config, DEFAULT_ADDR, DEFAULT_DEBUG_ADDR, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEADER_BYTES,

@@ -183,12 +183,15 @@ pub fn leading_empty_lines(buf: &[u8]) -> usize {
     }
 }
 
-/// Decides when parsing a growing head can give a new answer, so that a head dribbled in one
-/// byte at a time costs linear time, not quadratic.
+/// Decides when parsing a growing head can give a new answer, and how much of it to parse,
+/// so that a head dribbled in one byte at a time costs linear time, not quadratic, and the
+/// answer does not depend on how the bytes were split.
 ///
-/// httparse is not incremental: it reparses from the start each time. Parsing only helps once
-/// the request line is complete (an early 400 or 505) or once the blank line that ends the
-/// head has arrived; in between, the scanner looks at each new byte once.
+/// httparse is not incremental: it reparses from the start each time. Parsing helps once the
+/// request line is complete (parse just that line: an early 400 or 505), and once the blank
+/// line that ends the head has arrived or the head is over the limit (parse everything). In
+/// between, the scanner looks at each new byte once. Parsing only the request line early
+/// means an error in a field is reported when the head is complete, whatever the splits.
 #[derive(Debug, Default, Clone)]
 pub struct HeadScanner {
     /// Bytes of the buffer already scanned.
@@ -198,10 +201,12 @@ pub struct HeadScanner {
 }
 
 impl HeadScanner {
-    /// Whether `buf` (the same head as last time, with bytes appended) now ends its request
-    /// line or its head, or is over `limit` bytes; parse when true.
-    pub fn ready(&mut self, buf: &[u8], limit: usize) -> bool {
-        let mut ready = buf.len() > limit;
+    /// How many bytes of `buf` (the same head as last time, with bytes appended) to parse
+    /// now: all of them once the head has ended or is over `limit`; the request line when it
+    /// has just ended; `None` when parsing cannot tell anything new.
+    pub fn ready(&mut self, buf: &[u8], limit: usize) -> Option<usize> {
+        let mut line_end = None;
+        let mut head_end = buf.len() > limit;
         // A head ends at LF followed by LF or CRLF; start far enough back to see one that
         // straddles the previous end.
         for i in self.scanned.saturating_sub(2)..buf.len() {
@@ -210,15 +215,19 @@ impl HeadScanner {
             }
             if !self.line_seen {
                 self.line_seen = true;
-                ready = true;
+                line_end = Some(i + 1);
             }
-            match buf[i + 1..] {
-                [b'\n', ..] | [b'\r', b'\n', ..] => ready = true,
-                _ => {}
+            if matches!(buf[i + 1..], [b'\n', ..] | [b'\r', b'\n', ..]) {
+                head_end = true;
+                break;
             }
         }
         self.scanned = buf.len();
-        ready
+        if head_end {
+            Some(buf.len())
+        } else {
+            line_end
+        }
     }
 }
 
@@ -240,7 +249,9 @@ fn version_error(buf: &[u8]) -> Option<DecodeError> {
         None => (rest, false),
     };
     let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let token = line.rsplit(|&b| b == b' ').next().unwrap_or_default();
+    // request-line = method SP request-target SP HTTP-version: the third token, and no fourth.
+    let tokens: Vec<&[u8]> = line.splitn(4, |&b| b == b' ').collect();
+    let [_, _, token] = tokens[..] else { return Some(DecodeError::Malformed("malformed request line")) };
     let fits = token.len() <= SHAPE.len()
         && token.iter().zip(SHAPE).all(|(&b, &s)| if s == b'd' { b.is_ascii_digit() } else { b == s });
     if !complete && fits {
@@ -253,22 +264,108 @@ fn version_error(buf: &[u8]) -> Option<DecodeError> {
     }
 }
 
-/// Checks the request-target form against the method (RFC 9112 §3.2).
+/// Checks the request-target's form and characters, then builds the `Uri`.
 fn parse_target(method: &Method, raw: &[u8], shared: Bytes) -> Result<Uri, DecodeError> {
-    let uri = Uri::from_maybe_shared(shared).map_err(|_| DecodeError::Malformed("invalid request target"))?;
-    let ok = if method == Method::CONNECT {
-        // authority-form only
-        uri.scheme().is_none() && uri.authority().is_some() && !raw.starts_with(b"/")
-    } else if raw == b"*" {
-        method == Method::OPTIONS
-    } else {
-        raw.starts_with(b"/") || (uri.scheme().is_some() && uri.authority().is_some())
-    };
-    if ok {
-        Ok(uri)
-    } else {
-        Err(DecodeError::Malformed("request target does not fit the method (RFC 9112 section 3.2)"))
+    if !valid_target(method, raw) {
+        return Err(DecodeError::Malformed("invalid request target (RFC 9112 section 3.2)"));
     }
+    Uri::from_maybe_shared(shared).map_err(|_| DecodeError::Malformed("invalid request target"))
+}
+
+/// The request-target forms of RFC 9112 §3.2, in the characters of RFC 3986 §3:
+///
+/// 1. `CONNECT` takes only authority-form, `host:port`;
+/// 2. `*` (asterisk-form) goes only with `OPTIONS`;
+/// 3. origin-form is an absolute path with an optional query;
+/// 4. anything else must be absolute-form, `http://` or `https://` then the authority, path
+///    and query (we serve HTTP, so no other scheme can name a resource here).
+///
+/// Percent signs must start a `%XX` escape. A query may also hold `[ ] { } | \ ^ \``, which
+/// RFC 3986 reserves or excludes but real clients send unescaped. A fragment (`#`) never
+/// belongs in a request; userinfo (`user@`) is refused (RFC 9110 §4.2.4).
+pub(crate) fn valid_target(method: &Method, target: &[u8]) -> bool {
+    if method == Method::CONNECT {
+        return match target.iter().rposition(|&b| b == b':') {
+            Some(colon) => valid_host(&target[..colon]) && target[colon + 1..].iter().all(u8::is_ascii_digit),
+            None => false,
+        };
+    }
+    if target == b"*" {
+        return method == Method::OPTIONS;
+    }
+    if target.first() == Some(&b'/') {
+        return valid_path_and_query(target);
+    }
+    // absolute-form: scheme "://" authority path-abempty [ "?" query ]
+    let Some(colon) = target.iter().position(|&b| b == b':') else { return false };
+    let (scheme, rest) = (&target[..colon], &target[colon + 1..]);
+    let scheme_ok = scheme.eq_ignore_ascii_case(b"http") || scheme.eq_ignore_ascii_case(b"https");
+    let Some(rest) = rest.strip_prefix(b"//") else { return false };
+    let end = rest.iter().position(|&b| b == b'/' || b == b'?').unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    scheme_ok && valid_authority(authority) && (tail.is_empty() || valid_path_and_query(tail))
+}
+
+/// `host [ ":" port ]`, as in absolute-form targets and the Host field.
+pub(crate) fn valid_authority(authority: &[u8]) -> bool {
+    match authority.iter().rposition(|&b| b == b':') {
+        // A colon inside an IPv6 literal is not a port separator.
+        Some(colon) if !authority[colon..].contains(&b']') => {
+            valid_host(&authority[..colon]) && authority[colon + 1..].iter().all(u8::is_ascii_digit)
+        }
+        _ => valid_host(authority),
+    }
+}
+
+/// uri-host as HTTP uses it: a DNS name or IPv4 address (letters, digits, `-._~`), or an IPv6
+/// literal in brackets. RFC 3986 also allows sub-delims and `%` escapes in a reg-name; no HTTP
+/// host name needs them, so they are refused.
+fn valid_host(host: &[u8]) -> bool {
+    match host {
+        [b'[', inner @ .., b']'] => {
+            !inner.is_empty() && inner.iter().all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        }
+        _ => !host.is_empty() && host.iter().all(|&b| is_unreserved(b)),
+    }
+}
+
+/// path-abempty [ "?" query ], the path possibly empty (after an authority) or starting with `/`.
+fn valid_path_and_query(s: &[u8]) -> bool {
+    let (path, query) = match s.iter().position(|&b| b == b'?') {
+        Some(q) => (&s[..q], Some(&s[q + 1..])),
+        None => (s, None),
+    };
+    let pchar = |b: u8| is_unreserved(b) || is_sub_delim(b) || b == b':' || b == b'@';
+    valid_chars(path, |b| pchar(b) || b == b'/')
+        && query.is_none_or(|q| valid_chars(q, |b| pchar(b) || b"/?[]{}|\\^`".contains(&b)))
+}
+
+/// Whether every byte is allowed, treating `%XX` escapes as allowed.
+fn valid_chars(s: &[u8], allowed: impl Fn(u8) -> bool) -> bool {
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' {
+            if !(i + 2 < s.len() && s[i + 1].is_ascii_hexdigit() && s[i + 2].is_ascii_hexdigit()) {
+                return false;
+            }
+            i += 3;
+        } else if allowed(s[i]) {
+            i += 1;
+        } else {
+            return false;
+        }
+    }
+    true
+}
+
+/// RFC 3986 unreserved characters.
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~".contains(&b)
+}
+
+/// RFC 3986 sub-delims.
+fn is_sub_delim(b: u8) -> bool {
+    b"!$&'()*+,;=".contains(&b)
 }
 
 /// What the framing-relevant fields said, gathered while the fields are copied.
@@ -292,14 +389,16 @@ impl Framing {
     /// Records one field.
     fn observe(&mut self, name: &HeaderName, value: &[u8]) -> Result<(), DecodeError> {
         if name == header::CONTENT_LENGTH {
+            let mut items = 0;
             for item in list(value) {
                 let n = parse_length(item)?;
                 if self.content_length.is_some_and(|seen| seen != n) {
                     return Err(DecodeError::Malformed("Content-Length values differ"));
                 }
                 self.content_length = Some(n);
+                items += 1;
             }
-            if self.content_length.is_none() {
+            if items == 0 {
                 return Err(DecodeError::Malformed("empty Content-Length"));
             }
         } else if name == header::TRANSFER_ENCODING {
@@ -312,7 +411,7 @@ impl Framing {
             }
         } else if name == header::HOST {
             self.hosts += 1;
-            if !value.iter().all(|&b| is_host_byte(b)) {
+            if !value.is_empty() && !valid_authority(value) {
                 return Err(DecodeError::Malformed("invalid Host"));
             }
         } else if name == header::CONNECTION {
@@ -533,6 +632,16 @@ impl ChunkedDecoder {
         Ok(Decoded { consumed: i, data: i..i })
     }
 
+    /// Counts one byte after the size digits (whitespace, `;`, extensions) against
+    /// [`MAX_CHUNK_EXT_BYTES`].
+    fn after_size(&mut self, next: Chunk) -> Result<Chunk, DecodeError> {
+        self.ext_bytes += 1;
+        if self.ext_bytes > MAX_CHUNK_EXT_BYTES {
+            return Err(DecodeError::Malformed("chunk extensions are too long"));
+        }
+        Ok(next)
+    }
+
     /// Advances the grammar by one framing byte.
     fn step(&mut self, b: u8) -> Result<(), DecodeError> {
         const BAD_SIZE: DecodeError = DecodeError::Malformed("invalid chunk size line");
@@ -547,17 +656,11 @@ impl ChunkedDecoder {
                 Chunk::Size(digits + 1)
             }
             (Chunk::Size(0), _) => return Err(BAD_SIZE),
-            (Chunk::Size(_) | Chunk::SizeEnd, b' ' | b'\t') => Chunk::SizeEnd,
-            (Chunk::Size(_) | Chunk::SizeEnd, b';') => Chunk::Ext,
             (Chunk::Size(_) | Chunk::SizeEnd | Chunk::Ext, b'\r') => Chunk::SizeLf,
+            (Chunk::Size(_) | Chunk::SizeEnd, b' ' | b'\t') => self.after_size(Chunk::SizeEnd)?,
+            (Chunk::Size(_) | Chunk::SizeEnd, b';') => self.after_size(Chunk::Ext)?,
             (Chunk::Size(_) | Chunk::SizeEnd, _) => return Err(BAD_SIZE),
-            (Chunk::Ext, _) if is_text(b) => {
-                self.ext_bytes += 1;
-                if self.ext_bytes > MAX_CHUNK_EXT_BYTES {
-                    return Err(DecodeError::Malformed("chunk extensions are too long"));
-                }
-                Chunk::Ext
-            }
+            (Chunk::Ext, _) if is_text(b) => self.after_size(Chunk::Ext)?,
             (Chunk::Ext, b'\n') => return Err(BARE_LF),
             (Chunk::Ext, _) => return Err(DecodeError::Malformed("invalid byte in a chunk extension")),
             (Chunk::SizeLf, b'\n') => {
@@ -594,12 +697,6 @@ impl ChunkedDecoder {
         };
         Ok(())
     }
-}
-
-/// A byte allowed in a Host value: uri-host (reg-name or IP literal) and port, no userinfo
-/// (RFC 9110 §7.2, RFC 3986 §3.2.2).
-fn is_host_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b)
 }
 
 /// Field-value text: HTAB, visible ASCII, SP and obs-text; no other control bytes.
@@ -715,6 +812,7 @@ mod tests {
             "Content-Length: 1 2\r\n",
             "Content-Length: 0x10\r\n",
             "Content-Length: \r\n",
+            "Content-Length: 1\r\nContent-Length: \r\n",
             "Content-Length: 99999999999999999999999\r\n",
             "Transfer-Encoding: gzip\r\n",
             "Transfer-Encoding: chunked, gzip\r\n",
@@ -739,6 +837,9 @@ mod tests {
         assert!(matches!(err("GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n"), DecodeError::Malformed(_)));
         assert!(matches!(err("GET / HTTP/1.1\r\nHost: a/b\r\n\r\n"), DecodeError::Malformed(_)));
         assert!(matches!(err("GET / HTTP/1.1\r\nHost: u@a\r\n\r\n"), DecodeError::Malformed(_)));
+        assert!(matches!(err("GET / HTTP/1.1\r\nHost: a:b\r\n\r\n"), DecodeError::Malformed(_)));
+        assert!(matches!(err("GET / HTTP/1.1\r\nHost: a,b\r\n\r\n"), DecodeError::Malformed(_)));
+        head("GET / HTTP/1.1\r\nHost: a.example:80\r\n\r\n");
         head("GET / HTTP/1.0\r\n\r\n");
         head("GET / HTTP/1.1\r\nHost:\r\n\r\n");
         head("GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n");
@@ -770,6 +871,50 @@ mod tests {
     }
 
     #[test]
+    fn target_characters() {
+        let good: &[&[u8]] = &[
+            b"/",
+            b"/a/b;c=d/%20e?x=1&y=%2F",
+            b"/search?q=a[0]{b}|c\\d^e`f",
+            b"/p@th:x!$&'()*+,;=~",
+            b"http://example.com",
+            b"http://example.com:8080/x?y",
+            b"https://[::1]:443/",
+            b"HTTPS://host?only-query",
+        ];
+        for target in good {
+            assert!(valid_target(&Method::GET, target), "{:?}", String::from_utf8_lossy(target));
+        }
+        let bad: &[&[u8]] = &[
+            b"/a#frag",
+            b"/a b",
+            b"/%",
+            b"/%4",
+            b"/%zz",
+            b"/\"",
+            b"/<x>",
+            b"/path[0]",
+            b"/caf\xc3\xa9",
+            b"http://user@host/",
+            b"http:/host",
+            b"http://",
+            b"1http://h/",
+            b"ftp://h/",
+            b"http://h:80x/",
+            b"*",
+            b"host:80",
+        ];
+        for target in bad {
+            assert!(!valid_target(&Method::GET, target), "{:?}", String::from_utf8_lossy(target));
+        }
+        assert!(valid_target(&Method::CONNECT, b"example.com:443"));
+        assert!(valid_target(&Method::CONNECT, b"[::1]:443"));
+        assert!(!valid_target(&Method::CONNECT, b"example.com"));
+        assert!(!valid_target(&Method::CONNECT, b"/"));
+        assert!(valid_target(&Method::OPTIONS, b"*"));
+    }
+
+    #[test]
     fn target_forms() {
         assert_eq!(head("OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n").uri, "*");
         assert_eq!(head("CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n").uri.authority().unwrap(), "h:443");
@@ -783,6 +928,8 @@ mod tests {
         assert_eq!(err("GET / HTTP/1.2\r\nHost: h\r\n\r\n"), DecodeError::UnsupportedVersion);
         assert_eq!(err("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), DecodeError::UnsupportedVersion);
         assert_eq!(err("GET / HTTP/0.9\r\n\r\n"), DecodeError::UnsupportedVersion);
+        // The version is the third token, however many follow.
+        assert!(matches!(err("GET a b HTTP/2.0\r\n\r\n"), DecodeError::Malformed(_)));
         // Undecided until the whole token is in, whatever the split.
         let input = "GET / HTTP/3.0\r\n";
         for end in 0..input.len() {
@@ -806,21 +953,26 @@ mod tests {
         let mut scanner = HeadScanner::default();
         let mut ready_at = Vec::new();
         for end in 1..=input.len() {
-            if scanner.ready(&input[..end], 1024) {
-                ready_at.push(end);
+            if let Some(n) = scanner.ready(&input[..end], 1024) {
+                ready_at.push((end, n));
             }
         }
-        // After the request line, then after the blank line.
-        assert_eq!(ready_at, [16, input.len()]);
+        // The request line alone once it ends, then everything once the head ends.
+        assert_eq!(ready_at, [(16, 16), (input.len(), input.len())]);
         let mut scanner = HeadScanner::default();
-        assert!(scanner.ready(b"GET / HTTP/1.0\n\n", 1024));
+        assert_eq!(scanner.ready(b"GET / HTTP/1.0\n\n", 1024), Some(16));
         let mut scanner = HeadScanner::default();
-        assert!(!scanner.ready(b"GET / HTTP/1.0", 1024));
-        assert!(scanner.ready(b"GET / HTTP/1.0\n", 1024));
-        assert!(!scanner.ready(b"GET / HTTP/1.0\nA: b\r", 1024));
-        assert!(scanner.ready(b"GET / HTTP/1.0\nA: b\r\n\r\n", 1024));
+        assert_eq!(scanner.ready(b"GET / HTTP/1.0", 1024), None);
+        assert_eq!(scanner.ready(b"GET / HTTP/1.0\nA: b\r", 1024), Some(15));
+        assert_eq!(scanner.ready(b"GET / HTTP/1.0\nA: b\r\n\r", 1024), None);
+        assert_eq!(scanner.ready(b"GET / HTTP/1.0\nA: b\r\n\r\n", 1024), Some(23));
         let mut scanner = HeadScanner::default();
-        assert!(scanner.ready(&[b'a'; 11], 10), "over the limit: parse to get 431");
+        assert_eq!(scanner.ready(&[b'a'; 11], 10), Some(11), "over the limit: parse to get 431");
+        // A field error shows only once the head is complete, however the bytes came.
+        let bad = b"GET / HTTP/1.1\r\n Host: h\r\n";
+        let mut scanner = HeadScanner::default();
+        let n = scanner.ready(bad, 1024).unwrap();
+        assert!(matches!(parse_head(&bad[..n], LIMITS), Ok(None)));
     }
 
     #[test]
@@ -949,8 +1101,12 @@ mod tests {
         for input in table {
             chunked_err(input);
         }
-        let long_ext = format!("1;{}\r\na\r\n0\r\n\r\n", "e".repeat(MAX_CHUNK_EXT_BYTES + 1));
+        let long_ext = format!("1;{}\r\na\r\n0\r\n\r\n", "e".repeat(MAX_CHUNK_EXT_BYTES));
         chunked_err(&long_ext);
+        let long_space = format!("1{}\r\na\r\n0\r\n\r\n", " ".repeat(MAX_CHUNK_EXT_BYTES + 1));
+        chunked_err(&long_space);
+        let longest = format!("1;{}\r\na\r\n0\r\n\r\n", "e".repeat(MAX_CHUNK_EXT_BYTES - 1));
+        chunked_ok(&longest, "a");
         let long_trailer = format!("0\r\nX: {}\r\n\r\n", "t".repeat(MAX_TRAILER_BYTES));
         chunked_err(&long_trailer);
     }

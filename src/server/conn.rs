@@ -59,7 +59,7 @@ const STREAM_CHUNK: usize = 16 * 1024;
 /// How long a closing connection keeps flushing and then reading (and discarding) before it
 /// closes, so the client receives the last response instead of a reset caused by its unread
 /// bytes (Go's net/http waits 500 ms for the same reason).
-const LINGER: Duration = Duration::from_millis(500);
+pub(crate) const LINGER: Duration = Duration::from_millis(500);
 
 /// Bytes a lingering connection reads and discards at most.
 const LINGER_BYTES: usize = 256 * 1024;
@@ -109,6 +109,9 @@ pub(crate) struct Settings {
     pub(crate) idle_timeout: Option<Duration>,
     /// See `Config::max_body_bytes`.
     pub(crate) max_body_bytes: u64,
+    /// How long a closing connection lingers ([`LINGER`]; `None` only in fuzzing, which
+    /// must not start real timers).
+    pub(crate) linger: Option<Duration>,
 }
 
 /// Everything a server's connections share.
@@ -289,8 +292,8 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                 if skip > 0 {
                     scanner = HeadScanner::default();
                 }
-                if scanner.ready(st.buf.filled(), limits.max_head_bytes) {
-                    match decode::parse_head(st.buf.filled(), limits) {
+                if let Some(n) = scanner.ready(st.buf.filled(), limits.max_head_bytes) {
+                    match decode::parse_head(&st.buf.filled()[..n], limits) {
                         Ok(Some((head, len))) => {
                             st.buf.consume(len);
                             return Ok(Some(head));
@@ -374,9 +377,9 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
     }
 
     /// Flushes what is left, stops sending, and reads (discarding) until the client closes,
-    /// [`LINGER`] passes or [`LINGER_BYTES`] arrive; then the connection closes.
+    /// the linger time passes or [`LINGER_BYTES`] arrive; then the connection closes.
     async fn linger(&mut self) {
-        self.deadline.set(Some(Instant::now() + LINGER));
+        self.deadline.set(after(Instant::now(), self.ctx.settings.linger));
         let Conn { shared, out, deadline, .. } = self;
         if !matches!(deadline.race(flush(&shared.io, out)).await, Some(Ok(()))) {
             return;
@@ -473,11 +476,7 @@ async fn respond<I: Io, H: Handler>(
     //    whatever the handler said (it saw the error reading the body).
     if let Some(e) = shared.lock().error {
         drop(response);
-        progress.head_written = true;
-        progress.status = Some(400);
-        ctx.metrics.rejected(Reject::from(&e));
-        encode::encode_error(out, StatusCode::BAD_REQUEST, e.reason(), &date());
-        return Ok(Next::Linger);
+        return Ok(refuse(ctx, out, progress, Error::BadRequest(e.reason())));
     }
 
     // 3. Framing (RFC 9112 §6.1-6.3) and persistence (§9.3).
@@ -505,6 +504,22 @@ async fn respond<I: Io, H: Handler>(
         }
     };
     let echo = body.incoming_request() == Some(request) && send_body;
+
+    // 4. A streamed body's first bytes are read before the head is written, so a body that
+    //    fails at once (a broken request body echoed back, a failing reader) still gets an
+    //    error response. If they are not ready yet, the head goes out first.
+    let full = if send_body { body.take_full() } else { None };
+    let mut chunk = Vec::new();
+    let mut first = None;
+    if send_body && full.is_none() {
+        chunk = vec![0u8; STREAM_CHUNK];
+        let want = stream_want(content_length, chunk.len());
+        match poll_once(poll_fn(|cx| body.poll_read_body(cx, &mut chunk[..want]))).await {
+            Some(Ok(n)) => first = Some(n),
+            Some(Err(e)) => return Ok(refuse(ctx, out, progress, e)),
+            None => {}
+        }
+    }
     {
         let mut st = shared.lock();
         let pipelined = st.body.is_done() && !st.buf.is_empty();
@@ -514,11 +529,6 @@ async fn respond<I: Io, H: Handler>(
         }
         if !st.body.is_done() {
             match st.expect {
-                // The response streams the body back: ask for it before the head.
-                Continue::Waiting if echo => {
-                    out.extend_from_slice(CONTINUE);
-                    st.expect = Continue::Sent;
-                }
                 // Finish a 100 Continue the body started writing.
                 Continue::Sending(n) => {
                     out.extend_from_slice(&CONTINUE[n..]);
@@ -556,28 +566,24 @@ async fn respond<I: Io, H: Handler>(
     progress.head_written = true;
     progress.status = Some(status.as_u16());
 
-    // 4. The body.
-    if send_body {
-        match body.take_full() {
-            Some(bytes) if bytes.len() <= INLINE_BODY => out.extend_from_slice(&bytes),
-            Some(bytes) => {
-                write_all(&shared.io, out, &bytes).await?;
-            }
-            None => {
-                if !write_stream(&shared.io, out, &mut body, content_length, chunked).await? {
-                    close = true;
-                }
-            }
+    // 5. The body.
+    match full {
+        Some(bytes) if bytes.len() <= INLINE_BODY => out.extend_from_slice(&bytes),
+        Some(bytes) => write_all(&shared.io, out, &bytes).await?,
+        None if send_body => {
+            let complete = write_stream(&shared.io, out, &mut body, &mut chunk, first, content_length, chunked).await?;
+            close |= !complete;
         }
+        None => {}
     }
     drop(body);
 
-    // 5. Drain what the handler left of the request body, so the connection can be reused.
+    // 6. Drain what the handler left of the request body, so the connection can be reused.
     if !close && !matches!(drain_body(shared).await, Ok(true)) {
         close = true;
     }
 
-    // 6. Flush, unless the next pipelined request is already here and little is waiting.
+    // 7. Flush, unless the next pipelined request is already here and little is waiting.
     let pipelined = {
         let st = shared.lock();
         st.body.is_done() && !st.buf.is_empty()
@@ -607,20 +613,26 @@ async fn write_stream<I: Io>(
     io: &I,
     out: &mut Vec<u8>,
     body: &mut Body,
+    chunk: &mut [u8],
+    mut first: Option<usize>,
     length: Option<u64>,
     chunked: bool,
 ) -> Result<bool, Error> {
-    let mut chunk = vec![0u8; STREAM_CHUNK];
     let mut left = length;
     loop {
-        let want = left.map_or(chunk.len(), |left| (left.min(chunk.len() as u64)) as usize).max(1);
-        // Never wait for the body while holding the head (or a 100 Continue) back.
-        let mut read = pin!(poll_fn(|cx| body.poll_read_body(cx, &mut chunk[..want])));
-        let n = match poll_once(read.as_mut()).await {
-            Some(n) => n?,
+        let n = match first.take() {
+            Some(n) => n,
             None => {
-                flush(io, out).await?;
-                read.await?
+                let want = stream_want(left, chunk.len());
+                // Never wait for the body while holding the head (or a 100 Continue) back.
+                let mut read = pin!(poll_fn(|cx| body.poll_read_body(cx, &mut chunk[..want])));
+                match poll_once(read.as_mut()).await {
+                    Some(n) => n?,
+                    None => {
+                        flush(io, out).await?;
+                        read.await?
+                    }
+                }
             }
         };
         if n == 0 {
@@ -651,6 +663,28 @@ async fn write_stream<I: Io>(
         return Ok(false);
     }
     Ok(true)
+}
+
+/// How much of a streamed body to ask for next: a chunk, or less if fewer bytes are left
+/// (asking one past a declared length finds bodies that are too long).
+fn stream_want(left: Option<u64>, chunk: usize) -> usize {
+    left.map_or(chunk, |left| left.min(chunk as u64) as usize).max(1)
+}
+
+/// Answers with an error instead of the handler's response: 400 for a broken request body,
+/// 500 for any other failure before the response started. The connection then closes.
+fn refuse<H>(ctx: &Context<H>, out: &mut Vec<u8>, progress: &mut Progress, e: Error) -> Next {
+    let status = if matches!(e, Error::BadRequest(_)) {
+        ctx.metrics.rejected(Reject::BadRequest);
+        StatusCode::BAD_REQUEST
+    } else {
+        log::error!("response body failed before it was sent: {e}; answering 500");
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    progress.head_written = true;
+    progress.status = Some(status.as_u16());
+    encode::encode_error(out, status, &e.to_string(), &date());
+    Next::Linger
 }
 
 /// Reads and discards the rest of the request body, up to [`DRAIN_LIMIT`] bytes. Returns
