@@ -162,7 +162,10 @@ pub(crate) async fn serve<I: Io, H: Handler>(io: I, peer: SocketAddr, ctx: &Cont
 enum Next {
     /// Serve the next request.
     KeepAlive,
-    /// Flush, stop sending, read and discard briefly, close.
+    /// Close now: everything is sent and the client has nothing more to send.
+    Close,
+    /// Flush, stop sending, read and discard briefly, close: the client may still be sending,
+    /// and closing on unread bytes would reset the connection before it reads our answer.
     Linger,
 }
 
@@ -222,7 +225,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                 Ok(None) => return Ok(()),
                 Err(HeadError::Invalid(e)) => {
                     self.reject(e);
-                    self.linger().await;
+                    Box::pin(self.linger()).await;
                     return Ok(());
                 }
                 Err(HeadError::TimedOut { partial }) => {
@@ -231,17 +234,19 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                         ctx.metrics.response(408);
                         let message = "the request head took longer than the server's header read timeout";
                         encode::encode_error(&mut self.out, StatusCode::REQUEST_TIMEOUT, message, &date());
-                        self.linger().await;
+                        Box::pin(self.linger()).await;
                     }
                     return Err(e);
                 }
                 Err(HeadError::Io(e)) => return Err(e.into()),
             };
             // 3. The exchange, under the write deadline.
-            match self.exchange(head).await? {
+            // Boxed, like the rare paths: the task of an idle connection stays small.
+            match Box::pin(self.exchange(head)).await? {
                 Next::KeepAlive => {}
+                Next::Close => return Ok(()),
                 Next::Linger => {
-                    self.linger().await;
+                    Box::pin(self.linger()).await;
                     return Ok(());
                 }
             }
@@ -259,8 +264,11 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
     /// Waits until the socket is readable, the deadline passes (`None`), or the drain starts.
     async fn wait_for_request(&mut self, deadline: Option<Instant>) -> Option<io::Result<Wait>> {
         debug_assert!(self.out.is_empty(), "waiting with unsent responses");
-        // An idle connection holds no buffer.
+        // An idle connection holds no read buffer, and no write buffer beyond a small one.
         self.shared.lock().buf.release();
+        if self.out.capacity() > READ_CHUNK {
+            self.out = Vec::new();
+        }
         self.deadline.set(deadline);
         let close_idle = &self.ctx.close_idle;
         if close_idle.is_set() {
@@ -310,7 +318,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
             let Conn { shared, out, deadline, .. } = self;
             let timed_out = || HeadError::TimedOut { partial: !shared.lock().buf.is_empty() };
             if !out.is_empty() {
-                match deadline.race(flush(&shared.io, out)).await {
+                match Box::pin(deadline.race(flush(&shared.io, out))).await {
                     Some(Ok(())) => {}
                     Some(Err(e)) => return Err(HeadError::Io(e)),
                     None => return Err(timed_out()),
@@ -342,7 +350,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
         self.deadline.set(after(started, ctx.settings.write_timeout));
         let mut progress = Progress::default();
         let Conn { shared, deadline, out, .. } = self;
-        let work = Box::pin(AssertUnwindSafe(respond(shared, out, ctx, head, &mut progress)).catch_unwind());
+        let work = AssertUnwindSafe(respond(shared, out, ctx, head, &mut progress)).catch_unwind();
         let outcome = deadline.race(work).await;
         // The request body, if still held somewhere, can no longer be read.
         self.shared.lock().request += 1;
@@ -591,7 +599,17 @@ async fn respond<I: Io, H: Handler>(
     if close || !pipelined || out.len() >= FLUSH_AT {
         flush(&shared.io, out).await?;
     }
-    Ok(if close { Next::Linger } else { Next::KeepAlive })
+    Ok(match close {
+        false => Next::KeepAlive,
+        true if request_consumed(shared) => Next::Close,
+        true => Next::Linger,
+    })
+}
+
+/// Whether every byte the client sent so far has been consumed, through the end of the body.
+fn request_consumed<I: Io>(shared: &Shared<I>) -> bool {
+    let st = shared.lock();
+    st.body.is_done() && st.buf.is_empty()
 }
 
 /// The handler's `Content-Length`, if it set a valid one.
@@ -996,6 +1014,9 @@ impl ReadBuf {
 
     /// Room for at least `min` more bytes, moving or growing the storage if needed.
     fn spare(&mut self, min: usize) -> &mut [u8] {
+        if self.data.is_empty() {
+            self.data = POOL.with(|pool| pool.borrow_mut().pop()).unwrap_or_default();
+        }
         if self.data.len() - self.end < min {
             if self.start > 0 {
                 self.data.copy_within(self.start..self.end, 0);
@@ -1015,10 +1036,28 @@ impl ReadBuf {
         self.end += n;
     }
 
-    /// Frees the storage if nothing is buffered.
+    /// Gives the storage back (to this thread's pool, if it is the usual size) when nothing
+    /// is buffered, so an idle connection holds no buffer.
     fn release(&mut self) {
-        if self.is_empty() {
-            self.data = Vec::new();
+        if self.is_empty() && !self.data.is_empty() {
+            let data = std::mem::take(&mut self.data);
+            if data.len() == READ_CHUNK {
+                POOL.with(|pool| {
+                    let mut pool = pool.borrow_mut();
+                    if pool.len() < POOL_BUFFERS {
+                        pool.push(data);
+                    }
+                });
+            }
         }
     }
+}
+
+/// Read buffers kept per thread for reuse, at most.
+const POOL_BUFFERS: usize = 64;
+
+thread_local! {
+    /// Read buffers of [`READ_CHUNK`] bytes, free for the next connection that wakes on this
+    /// thread: busy connections skip the allocator, idle ones hold nothing.
+    static POOL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
 }

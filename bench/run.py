@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of servicegroup and a minimal hyper 1.x server (bench/README.md).
+
+    python3 bench/run.py              # 3 interleaved rounds, 8 s per load run
+    python3 bench/run.py --rounds 1 --duration 3 --skip-callgrind   # a quick look
+
+Builds both servers in release mode, loads each with wrk on loopback (installed from
+Debian's packages if missing), interleaving the servers round by round so machine drift hits
+both alike, and prints one table: req/s, p50/p99 latency, peak RSS and server CPU per request
+(utime+stime from /proc over the run, divided by requests) for keep-alive with 64
+connections, 16 pipelined requests per write, and a new connection per request; then memory
+per idle keep-alive connection (10,000 open) and instructions per request under callgrind.
+Medians over rounds; ratios are servicegroup / hyper (below 1 is better for CPU, memory,
+latency and instructions; above 1 is better for req/s).
+"""
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BIN = os.path.join(HERE, "target", "release")
+TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
+SERVERS = {
+    "hyper": ("hyper_server", {}),
+    "servicegroup": ("sg_server", {}),
+    "sg, timeouts off": ("sg_server", {"TIMEOUTS": "off"}),
+}
+SCENARIOS = {
+    "keep-alive, 64 connections": ["-c64"],
+    "pipelined, 16 per write": ["-c64", "-s", os.path.join(HERE, "pipeline.lua")],
+    "new connection per request": ["-c64", "-H", "Connection: close"],
+}
+next_port = [20000 + os.getpid() % 10000]
+
+
+def ensure(tool, package):
+    if shutil.which(tool):
+        return
+    print(f"installing {package} from Debian's packages", file=sys.stderr)
+    subprocess.run(["apt-get", "install", "-y", package], check=False, stdout=subprocess.DEVNULL)
+    if not shutil.which(tool):
+        subprocess.run(["apt-get", "update"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "install", "-y", package], check=True, stdout=subprocess.DEVNULL)
+
+
+def build():
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--manifest-path", os.path.join(HERE, "Cargo.toml")], check=True)
+
+
+def wait_for_port(port, proc, patience=60):
+    deadline = time.time() + patience
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("server did not start")
+
+
+def start(server, threads=2, prefix=()):
+    binary, env = SERVERS[server]
+    next_port[0] += 1
+    port = next_port[0]
+    full_env = dict(os.environ, PORT=str(port), THREADS=str(threads), **env)
+    proc = subprocess.Popen([*prefix, os.path.join(BIN, binary)], env=full_env, stderr=subprocess.DEVNULL)
+    wait_for_port(port, proc, patience=120 if prefix else 30)
+    return proc, port
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def status_kb(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def duration_to_us(text):
+    for unit, scale in (("us", 1), ("ms", 1e3), ("s", 1e6)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    return float(text)
+
+
+def wrk(port, args, seconds):
+    out = subprocess.run(
+        ["wrk", "-t1", f"-d{seconds}s", "--latency", *args, f"http://127.0.0.1:{port}/"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    result = {}
+    for line in out.splitlines():
+        words = line.split()
+        if "requests in" in line:
+            result["requests"] = int(words[0])
+        elif line.startswith("Requests/sec:"):
+            result["rps"] = float(words[1])
+        elif len(words) == 2 and words[0] in ("50%", "99%"):
+            result["p" + words[0][:-1]] = duration_to_us(words[1])
+        elif "Non-2xx" in line or "Socket errors" in line:
+            result["errors"] = line.strip()
+    return result
+
+
+def load_run(server, scenario, seconds):
+    proc, port = start(server)
+    try:
+        wrk(port, SCENARIOS[scenario], 1)  # warm up
+        before = cpu_ticks(proc.pid)
+        result = wrk(port, SCENARIOS[scenario], seconds)
+        used = (cpu_ticks(proc.pid) - before) * TICK_US
+        result["cpu_us"] = used / max(result["requests"], 1)
+        result["rss_kb"] = status_kb(proc.pid, "VmHWM")
+        return result
+    finally:
+        stop(proc)
+
+
+def idle_run(server, connections):
+    proc, port = start(server)
+    try:
+        subprocess.run([os.path.join(BIN, "requests"), str(port), "1000"], check=True)
+        time.sleep(0.3)
+        before = status_kb(proc.pid, "VmRSS")
+        clients = subprocess.Popen(
+            [os.path.join(BIN, "idle_clients"), str(port), str(connections)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        ready = clients.stdout.readline().split()
+        time.sleep(0.5)
+        after = status_kb(proc.pid, "VmRSS")
+        clients.stdin.close()
+        clients.wait()
+        served = int(ready[1]) if len(ready) == 2 else 0
+        return {"bytes_per_conn": (after - before) * 1024 / connections, "served": served}
+    finally:
+        stop(proc)
+
+
+def instructions(server, n):
+    out = f"/tmp/callgrind.bench.{os.getpid()}.{server.replace(' ', '_').replace(',', '')}.{n}"
+    proc, port = start(server, threads=1, prefix=("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"))
+    try:
+        subprocess.run([os.path.join(BIN, "requests"), str(port), str(n)], check=True)
+    finally:
+        stop(proc)
+    with open(out) as f:
+        for line in f:
+            if line.startswith("summary:") or line.startswith("totals:"):
+                total = int(line.split()[1])
+    os.remove(out)
+    return total
+
+
+def per_request_instructions(server, small=300, large=1300):
+    return (instructions(server, large) - instructions(server, small)) / (large - small)
+
+
+def fmt_us(us):
+    return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} µs"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=8)
+    parser.add_argument("--idle", type=int, default=10_000)
+    parser.add_argument("--skip-callgrind", action="store_true")
+    args = parser.parse_args()
+    ensure("wrk", "wrk")
+    if not args.skip_callgrind:
+        ensure("valgrind", "valgrind")
+    build()
+
+    runs = {(s, c): [] for s in SERVERS for c in SCENARIOS}
+    idle = {s: [] for s in ("hyper", "servicegroup")}
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
+        for scenario in SCENARIOS:
+            for server in SERVERS:
+                runs[(server, scenario)].append(load_run(server, scenario, args.duration))
+        for server in idle:
+            idle[server].append(idle_run(server, args.idle))
+
+    med = lambda xs: statistics.median(xs)
+    print(f"\nwrk -t1 -d{args.duration}s, median of {args.rounds} interleaved rounds; servers on 2 threads; "
+          f"{os.cpu_count()} cores\n")
+    print("| scenario | server | req/s | p50 | p99 | peak RSS | server CPU/request |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for scenario in SCENARIOS:
+        cells = {}
+        for server in SERVERS:
+            rs = runs[(server, scenario)]
+            cells[server] = {k: med([x[k] for x in rs]) for k in ("rps", "p50", "p99", "rss_kb", "cpu_us")}
+            c = cells[server]
+            errors = "; ".join(sorted({x["errors"] for x in rs if "errors" in x}))
+            print(f"| {scenario} | {server} | {c['rps']:,.0f} | {fmt_us(c['p50'])} | {fmt_us(c['p99'])} | "
+                  f"{c['rss_kb'] / 1024:.1f} MiB | {c['cpu_us']:.2f} µs |" + (f" {errors}" if errors else ""))
+        h, s = cells["hyper"], cells["servicegroup"]
+        print(f"| {scenario} | **ratio sg/hyper** | {s['rps'] / h['rps']:.2f}× | {s['p50'] / h['p50']:.2f}× | "
+              f"{s['p99'] / h['p99']:.2f}× | {s['rss_kb'] / h['rss_kb']:.2f}× | **{s['cpu_us'] / h['cpu_us']:.2f}×** |")
+    t_on = med([x["cpu_us"] for x in runs[("servicegroup", "keep-alive, 64 connections")]])
+    t_off = med([x["cpu_us"] for x in runs[("sg, timeouts off", "keep-alive, 64 connections")]])
+    print(f"\ntimeouts on vs off, keep-alive CPU/request: {t_on:.2f} µs vs {t_off:.2f} µs ({(t_on / t_off - 1) * 100:+.1f}%)")
+
+    print(f"\n| idle keep-alive connections ({args.idle:,}) | bytes of server RSS per connection | served |")
+    print("|---|---:|---:|")
+    for server, rs in idle.items():
+        print(f"| {server} | {med([x['bytes_per_conn'] for x in rs]):,.0f} | {min(x['served'] for x in rs):,} |")
+
+    if not args.skip_callgrind:
+        print("\n| callgrind, 1 thread, keep-alive | instructions per request |")
+        print("|---|---:|")
+        counts = {server: per_request_instructions(server) for server in SERVERS}
+        for server, count in counts.items():
+            print(f"| {server} | {count:,.0f} |")
+        print(f"| **ratio sg/hyper** | **{counts['servicegroup'] / counts['hyper']:.2f}×** |")
+        print(f"| timeouts on/off | {counts['servicegroup'] / counts['sg, timeouts off']:.3f}× |")
+
+
+if __name__ == "__main__":
+    main()
