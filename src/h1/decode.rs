@@ -251,7 +251,8 @@ fn version_error(buf: &[u8]) -> Option<DecodeError> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     // request-line = method SP request-target SP HTTP-version: the third token, and no fourth.
     let tokens: Vec<&[u8]> = line.splitn(4, |&b| b == b' ').collect();
-    let [_, _, token] = tokens[..] else { return Some(DecodeError::Malformed("malformed request line")) };
+    const MALFORMED: DecodeError = DecodeError::Malformed("malformed request line (expected: METHOD TARGET HTTP/1.1)");
+    let [_, _, token] = tokens[..] else { return Some(MALFORMED) };
     let fits = token.len() <= SHAPE.len()
         && token.iter().zip(SHAPE).all(|(&b, &s)| if s == b'd' { b.is_ascii_digit() } else { b == s });
     if !complete && fits {
@@ -260,7 +261,7 @@ fn version_error(buf: &[u8]) -> Option<DecodeError> {
     if complete && fits && token.len() == SHAPE.len() {
         Some(DecodeError::UnsupportedVersion)
     } else {
-        Some(DecodeError::Malformed("invalid HTTP version"))
+        Some(MALFORMED)
     }
 }
 

@@ -777,14 +777,17 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> &str {
         .unwrap_or("(no message)")
 }
 
-/// One timer per connection. A phase sets a deadline; the timer is (re)registered with the
-/// reactor only when a phase has to wait, so phases that finish at once cost no timer work.
+/// One timer per connection. A phase sets a deadline, which costs nothing: the timer is
+/// (re)registered with the reactor only when a phase actually waits and the timer would fire
+/// too late for it. A timer that fires early for a deadline since pushed back is re-armed, so
+/// a busy keep-alive connection, whose deadlines only ever move later, touches the reactor
+/// once per timeout period instead of once per request (each registration wakes the reactor).
 struct Deadline {
     /// The timer.
     timer: Timer,
     /// The current phase's deadline.
     when: Option<Instant>,
-    /// The deadline the timer is set to.
+    /// When the timer is set to fire, if it is set.
     armed: Option<Instant>,
 }
 
@@ -798,25 +801,33 @@ impl Deadline {
     /// Starts a phase with this deadline (`None`: no timeout).
     fn set(&mut self, when: Option<Instant>) {
         self.when = when;
-        if when.is_none() && self.armed.is_some() {
-            self.timer.clear();
-            self.armed = None;
+    }
+
+    /// Ready once the current deadline has passed.
+    fn poll_expired(&mut self, cx: &mut TaskContext<'_>) -> Poll<()> {
+        let Some(when) = self.when else { return Poll::Pending };
+        loop {
+            // The timer must fire no later than the deadline; earlier is checked below.
+            if self.armed.is_none_or(|armed| armed > when) {
+                self.timer.set_at(when);
+                self.armed = Some(when);
+            }
+            match Pin::new(&mut self.timer).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(_) => {
+                    self.armed = None;
+                    if Instant::now() >= when {
+                        return Poll::Ready(());
+                    }
+                }
+            }
         }
     }
 
     /// Runs `work` until it finishes (`Some`) or the deadline passes (`None`, and `work` is
     /// dropped). Work that finishes in the same poll as the timer wins.
     async fn race<T>(&mut self, work: impl Future<Output = T>) -> Option<T> {
-        let expired = poll_fn(|cx| {
-            let Some(when) = self.when else {
-                return Poll::Pending;
-            };
-            if self.armed != Some(when) {
-                self.timer.set_at(when);
-                self.armed = Some(when);
-            }
-            Pin::new(&mut self.timer).poll(cx).map(|_| None)
-        });
+        let expired = poll_fn(|cx| self.poll_expired(cx).map(|()| None));
         async { Some(work.await) }.or(expired).await
     }
 }
