@@ -148,6 +148,7 @@ pub(crate) async fn serve<I: Io, H: Handler>(io: I, peer: SocketAddr, ctx: &Cont
         deadline: Deadline::default(),
         out: Vec::new(),
         drain: None,
+        now: Instant::now(),
     };
     let result = conn.run().await;
     match &result {
@@ -191,22 +192,26 @@ struct Conn<'a, I: Io, H> {
     out: Vec<u8>,
     /// Wakes an idle connection when the drain starts; made once per connection.
     drain: Option<EventListener>,
+    /// The last time read from the clock. Reading it costs a few percent of a request, so
+    /// phases that start without waiting reuse it.
+    now: Instant,
 }
 
 impl<I: Io, H: Handler> Conn<'_, I, H> {
     /// The keep-alive loop.
     async fn run(&mut self) -> Result<(), Error> {
-        let accepted = Instant::now();
+        let accepted = self.now;
         let ctx = self.ctx;
         let settings = &ctx.settings;
         let mut first = true;
         loop {
-            // 1. Wait for the next request's first byte, unless it is already buffered.
+            // 1. Wait for the next request's first byte, unless it is already buffered. (The
+            //    clock was read when the last exchange ended.)
             if self.shared.lock().buf.is_empty() {
                 let (phase, deadline) = if first {
                     (Phase::HeaderRead, after(accepted, settings.header_read_timeout))
                 } else {
-                    (Phase::Idle, after(Instant::now(), settings.idle_timeout))
+                    (Phase::Idle, after(self.now, settings.idle_timeout))
                 };
                 match self.wait_for_request(deadline).await {
                     Some(Ok(Wait::Readable)) => {}
@@ -214,10 +219,13 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                     Some(Err(e)) => return Err(e.into()),
                     None => return Err(self.timed_out(phase)),
                 }
+                if !first {
+                    self.now = Instant::now();
+                }
             }
             // 2. Read the head: the header-read deadline runs from accept for the first request,
             //    from its first byte for the others.
-            let start = if first { accepted } else { Instant::now() };
+            let start = if first { accepted } else { self.now };
             first = false;
             self.deadline.set(after(start, settings.header_read_timeout));
             let head = match self.read_head().await {
@@ -233,7 +241,12 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                     if partial {
                         ctx.metrics.response(408);
                         let message = "the request head took longer than the server's header read timeout";
-                        encode::encode_error(&mut self.out, StatusCode::REQUEST_TIMEOUT, message, &date());
+                        encode::encode_error(
+                            &mut self.out,
+                            StatusCode::REQUEST_TIMEOUT,
+                            message,
+                            &date(Instant::now()),
+                        );
                         Box::pin(self.linger()).await;
                     }
                     return Err(e);
@@ -325,7 +338,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                 }
             }
             match deadline.race(poll_fn(|cx| shared.poll_fill(cx))).await {
-                Some(Ok(_)) => {}
+                Some(Ok(_)) => self.now = Instant::now(),
                 Some(Err(e)) => return Err(HeadError::Io(e)),
                 None => return Err(timed_out()),
             }
@@ -338,22 +351,21 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
         log::debug!("{}: refused a request with {status}: {}", self.peer, e.reason());
         self.ctx.metrics.rejected(Reject::from(&e));
         self.ctx.metrics.response(status.as_u16());
-        encode::encode_error(&mut self.out, status, e.reason(), &date());
+        encode::encode_error(&mut self.out, status, e.reason(), &date(self.now));
     }
 
     /// Runs one exchange (body, handler, response) under the write deadline, catching panics.
     async fn exchange(&mut self, head: Head) -> Result<Next, Error> {
-        let started = Instant::now();
+        let started = self.now;
         let ctx = self.ctx;
         let metrics = &ctx.metrics;
         metrics.request_started();
         self.deadline.set(after(started, ctx.settings.write_timeout));
         let mut progress = Progress::default();
         let Conn { shared, deadline, out, .. } = self;
-        let work = AssertUnwindSafe(respond(shared, out, ctx, head, &mut progress)).catch_unwind();
+        let work = AssertUnwindSafe(respond(shared, out, ctx, head, started, &mut progress)).catch_unwind();
         let outcome = deadline.race(work).await;
-        // The request body, if still held somewhere, can no longer be read.
-        self.shared.lock().request += 1;
+        self.now = Instant::now();
         let result = match outcome {
             Some(Ok(result)) => result,
             Some(Err(panic)) => {
@@ -363,7 +375,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                 if !progress.head_written {
                     progress.status = Some(500);
                     let message = "internal server error (the handler panicked)";
-                    encode::encode_error(&mut self.out, StatusCode::INTERNAL_SERVER_ERROR, message, &date());
+                    encode::encode_error(&mut self.out, StatusCode::INTERNAL_SERVER_ERROR, message, &date(self.now));
                 }
                 Ok(Next::Linger)
             }
@@ -371,16 +383,16 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                 let e = self.timed_out(Phase::Write);
                 if progress.head_written {
                     // Part of the response may be out: all that is left is to close.
-                    metrics.request_finished(progress.status, started.elapsed());
+                    metrics.request_finished(progress.status, self.now - started);
                     return Err(e);
                 }
                 progress.status = Some(503);
                 let message = "the request took longer than the server's write timeout";
-                encode::encode_error(&mut self.out, StatusCode::SERVICE_UNAVAILABLE, message, &date());
+                encode::encode_error(&mut self.out, StatusCode::SERVICE_UNAVAILABLE, message, &date(self.now));
                 Ok(Next::Linger)
             }
         };
-        metrics.request_finished(progress.status, started.elapsed());
+        metrics.request_finished(progress.status, self.now - started);
         result
     }
 
@@ -437,6 +449,7 @@ async fn respond<I: Io, H: Handler>(
     out: &mut Vec<u8>,
     ctx: &Context<H>,
     head: Head,
+    now: Instant,
     progress: &mut Progress,
 ) -> Result<Next, Error> {
     let Head { method, uri, version, headers, body: length, keep_alive, expect_continue } = head;
@@ -480,14 +493,7 @@ async fn respond<I: Io, H: Handler>(
         }
     };
 
-    // 2. A request body with broken framing leaves the connection unusable: answer 400
-    //    whatever the handler said (it saw the error reading the body).
-    if let Some(e) = shared.lock().error {
-        drop(response);
-        return Ok(refuse(ctx, out, progress, Error::BadRequest(e.reason())));
-    }
-
-    // 3. Framing (RFC 9112 §6.1-6.3) and persistence (§9.3).
+    // 2. Framing (RFC 9112 §6.1-6.3) and persistence (§9.3).
     let (parts, mut body) = response.into_parts();
     let status = parts.status;
     let declared = declared_length(&parts.headers);
@@ -513,7 +519,7 @@ async fn respond<I: Io, H: Handler>(
     };
     let echo = body.incoming_request() == Some(request) && send_body;
 
-    // 4. A streamed body's first bytes are read before the head is written, so a body that
+    // 3. A streamed body's first bytes are read before the head is written, so a body that
     //    fails at once (a broken request body echoed back, a failing reader) still gets an
     //    error response. If they are not ready yet, the head goes out first.
     let full = if send_body { body.take_full() } else { None };
@@ -524,12 +530,18 @@ async fn respond<I: Io, H: Handler>(
         let want = stream_want(content_length, chunk.len());
         match poll_once(poll_fn(|cx| body.poll_read_body(cx, &mut chunk[..want]))).await {
             Some(Ok(n)) => first = Some(n),
-            Some(Err(e)) => return Ok(refuse(ctx, out, progress, e)),
+            Some(Err(e)) => return Ok(refuse(ctx, out, progress, e, now)),
             None => {}
         }
     }
     {
         let mut st = shared.lock();
+        // 4. A request body with broken framing leaves the connection unusable: answer 400
+        //    whatever the handler said (it saw the error reading the body).
+        if let Some(e) = st.error {
+            drop(st);
+            return Ok(refuse(ctx, out, progress, Error::BadRequest(e.reason()), now));
+        }
         let pipelined = st.body.is_done() && !st.buf.is_empty();
         if ctx.close_responses.is_set() && !pipelined {
             // Shutting down: this is the last response, unless more requests are already here.
@@ -559,7 +571,7 @@ async fn respond<I: Io, H: Handler>(
     } else {
         Connection::Default
     };
-    let date = date();
+    let date = date(now);
     encode::encode_head(
         out,
         &ResponseHead {
@@ -592,24 +604,19 @@ async fn respond<I: Io, H: Handler>(
     }
 
     // 7. Flush, unless the next pipelined request is already here and little is waiting.
-    let pipelined = {
+    let (body_done, buffered) = {
         let st = shared.lock();
-        st.body.is_done() && !st.buf.is_empty()
+        (st.body.is_done(), !st.buf.is_empty())
     };
-    if close || !pipelined || out.len() >= FLUSH_AT {
+    if close || !(body_done && buffered) || out.len() >= FLUSH_AT {
         flush(&shared.io, out).await?;
     }
     Ok(match close {
         false => Next::KeepAlive,
-        true if request_consumed(shared) => Next::Close,
+        // The client has nothing more to send: no need to linger.
+        true if body_done && !buffered => Next::Close,
         true => Next::Linger,
     })
-}
-
-/// Whether every byte the client sent so far has been consumed, through the end of the body.
-fn request_consumed<I: Io>(shared: &Shared<I>) -> bool {
-    let st = shared.lock();
-    st.body.is_done() && st.buf.is_empty()
 }
 
 /// The handler's `Content-Length`, if it set a valid one.
@@ -691,7 +698,7 @@ fn stream_want(left: Option<u64>, chunk: usize) -> usize {
 
 /// Answers with an error instead of the handler's response: 400 for a broken request body,
 /// 500 for any other failure before the response started. The connection then closes.
-fn refuse<H>(ctx: &Context<H>, out: &mut Vec<u8>, progress: &mut Progress, e: Error) -> Next {
+fn refuse<H>(ctx: &Context<H>, out: &mut Vec<u8>, progress: &mut Progress, e: Error, now: Instant) -> Next {
     let status = if matches!(e, Error::BadRequest(_)) {
         ctx.metrics.rejected(Reject::BadRequest);
         StatusCode::BAD_REQUEST
@@ -701,7 +708,7 @@ fn refuse<H>(ctx: &Context<H>, out: &mut Vec<u8>, progress: &mut Progress, e: Er
     };
     progress.head_written = true;
     progress.status = Some(status.as_u16());
-    encode::encode_error(out, status, &e.to_string(), &date());
+    encode::encode_error(out, status, &e.to_string(), &date(now));
     Next::Linger
 }
 
@@ -751,20 +758,22 @@ fn after(start: Instant, timeout: Option<Duration>) -> Option<Instant> {
     timeout.and_then(|t| start.checked_add(t))
 }
 
-/// The current `Date` value, formatted at most once a second per thread.
-fn date() -> [u8; DATE_LEN] {
+/// The `Date` value for `now`, formatted at most once a second per thread. The cache is keyed
+/// on the monotonic clock the connection already read, so a cached date costs no clock read.
+fn date(now: Instant) -> [u8; DATE_LEN] {
     thread_local! {
-        static CACHE: std::cell::Cell<(u64, [u8; DATE_LEN])> = const { std::cell::Cell::new((0, [0; DATE_LEN])) };
+        /// The formatted date, and the instant its second ends.
+        static CACHE: std::cell::Cell<Option<(Instant, [u8; DATE_LEN])>> = const { std::cell::Cell::new(None) };
     }
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    CACHE.with(|cache| {
-        let (secs, text) = cache.get();
-        if secs == now && now != 0 {
-            return text;
+    CACHE.with(|cache| match cache.get() {
+        Some((until, text)) if now < until => text,
+        _ => {
+            let wall = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+            let text = encode::encode_date(wall.as_secs());
+            let until = now + Duration::from_nanos(1_000_000_000 - u64::from(wall.subsec_nanos()));
+            cache.set(Some((until, text)));
+            text
         }
-        let text = encode::encode_date(now);
-        cache.set((now, text));
-        text
     })
 }
 
