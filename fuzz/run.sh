@@ -12,7 +12,7 @@ run() {
   mkdir -p "corpus/$1"
   cargo $toolchain fuzz run -O "$1" "corpus/$1" "seeds/$1" -- \
     -max_total_time="$secs" -max_len=4096 -print_final_stats=1 >"run-$1.log" 2>&1 \
-    && echo "$1: $(grep -E '^#[0-9]+ +DONE' "run-$1.log" | tail -1)" \
+    && echo "$1: $(grep -E 'DONE +cov' "run-$1.log" | tail -1)" \
     || { echo "$1: FOUND A PROBLEM, see fuzz/run-$1.log and fuzz/artifacts/$1/"; return 1; }
 }
 status=0

@@ -148,6 +148,7 @@ pub(crate) async fn serve<I: Io, H: Handler>(io: I, peer: SocketAddr, ctx: &Cont
         deadline: Deadline::default(),
         out: Vec::new(),
         drain: None,
+        head: None,
         now: Instant::now(),
     };
     let result = conn.run().await;
@@ -192,6 +193,9 @@ struct Conn<'a, I: Io, H> {
     out: Vec<u8>,
     /// Wakes an idle connection when the drain starts; made once per connection.
     drain: Option<EventListener>,
+    /// The head being served. Kept here, not passed by value, so the futures that serve it
+    /// capture a reference and are cheap to move (moving them was 12% of a pipelined request).
+    head: Option<Head>,
     /// The last time read from the clock. Reading it costs a few percent of a request, so
     /// phases that start without waiting reuse it.
     now: Instant,
@@ -228,9 +232,9 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
             let start = if first { accepted } else { self.now };
             first = false;
             self.deadline.set(after(start, settings.header_read_timeout));
-            let head = match self.read_head().await {
-                Ok(Some(head)) => head,
-                Ok(None) => return Ok(()),
+            match self.read_head().await {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
                 Err(HeadError::Invalid(e)) => {
                     self.reject(e);
                     Box::pin(self.linger()).await;
@@ -254,8 +258,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                 Err(HeadError::Io(e)) => return Err(e.into()),
             };
             // 3. The exchange, under the write deadline.
-            // Boxed, like the rare paths: the task of an idle connection stays small.
-            match Box::pin(self.exchange(head)).await? {
+            match self.exchange().await? {
                 Next::KeepAlive => {}
                 Next::Close => return Ok(()),
                 Next::Linger => {
@@ -300,9 +303,9 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
         self.deadline.race(readable.or(drained)).await
     }
 
-    /// Reads until a whole head parses. `Ok(None)`: the client closed (or the head is
-    /// incomplete at end of stream) and gets no answer.
-    async fn read_head(&mut self) -> Result<Option<Head>, HeadError> {
+    /// Reads until a whole head parses, into `self.head`. `Ok(false)`: the client closed (or
+    /// the head is incomplete at end of stream) and gets no answer.
+    async fn read_head(&mut self) -> Result<bool, HeadError> {
         let limits = self.ctx.settings.limits;
         let mut scanner = HeadScanner::default();
         loop {
@@ -317,14 +320,15 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                     match decode::parse_head(&st.buf.filled()[..n], limits) {
                         Ok(Some((head, len))) => {
                             st.buf.consume(len);
-                            return Ok(Some(head));
+                            self.head = Some(head);
+                            return Ok(true);
                         }
                         Ok(None) => {}
                         Err(e) => return Err(HeadError::Invalid(e)),
                     }
                 }
                 if st.eof {
-                    return Ok(None);
+                    return Ok(false);
                 }
             }
             // Never wait for input while holding responses the client may be waiting for.
@@ -355,15 +359,17 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
     }
 
     /// Runs one exchange (body, handler, response) under the write deadline, catching panics.
-    async fn exchange(&mut self, head: Head) -> Result<Next, Error> {
+    async fn exchange(&mut self) -> Result<Next, Error> {
         let started = self.now;
         let ctx = self.ctx;
         let metrics = &ctx.metrics;
         metrics.request_started();
         self.deadline.set(after(started, ctx.settings.write_timeout));
         let mut progress = Progress::default();
-        let Conn { shared, deadline, out, .. } = self;
-        let work = AssertUnwindSafe(respond(shared, out, ctx, head, started, &mut progress)).catch_unwind();
+        let Conn { shared, deadline, out, head, .. } = self;
+        // Boxed: the task of an idle connection stays small, and the wrappers below move a
+        // pointer instead of the whole future.
+        let work = AssertUnwindSafe(Box::pin(respond(shared, out, ctx, head, started, &mut progress))).catch_unwind();
         let outcome = deadline.race(work).await;
         self.now = Instant::now();
         let result = match outcome {
@@ -448,11 +454,13 @@ async fn respond<I: Io, H: Handler>(
     shared: &Arc<Shared<I>>,
     out: &mut Vec<u8>,
     ctx: &Context<H>,
-    head: Head,
+    head: &mut Option<Head>,
     now: Instant,
     progress: &mut Progress,
 ) -> Result<Next, Error> {
-    let Head { method, uri, version, headers, body: length, keep_alive, expect_continue } = head;
+    let Some(Head { method, uri, version, headers, body: length, keep_alive, expect_continue }) = head.take() else {
+        return Ok(Next::Close);
+    };
     let request = {
         let mut st = shared.lock();
         st.request += 1;
