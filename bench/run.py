@@ -31,6 +31,9 @@ SERVERS = {
     "servicegroup": ("sg_server", {}),
     "sg, timeouts off": ("sg_server", {"TIMEOUTS": "off"}),
 }
+# Also measured with keep-alive only: both servers on one thread, which on a 2-core machine
+# shared with wrk shows the cost of the request path without cross-thread wake-ups.
+ONE_THREAD = {"hyper, 1 thread": "hyper", "servicegroup, 1 thread": "servicegroup"}
 SCENARIOS = {
     "keep-alive, 64 connections": ["-c64"],
     "pipelined, 16 per write": ["-c64", "-s", os.path.join(HERE, "pipeline.lua")],
@@ -67,6 +70,8 @@ def wait_for_port(port, proc, patience=60):
 
 
 def start(server, threads=2, prefix=()):
+    if server in ONE_THREAD:
+        server, threads = ONE_THREAD[server], 1
     binary, env = SERVERS[server]
     next_port[0] += 1
     port = next_port[0]
@@ -196,12 +201,16 @@ def main():
     build()
 
     runs = {(s, c): [] for s in SERVERS for c in SCENARIOS}
+    keep_alive = "keep-alive, 64 connections"
+    runs.update({(s, keep_alive): [] for s in ONE_THREAD})
     idle = {s: [] for s in ("hyper", "servicegroup")}
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
+        # Scenario by scenario, the servers back to back: drift hits them alike.
         for scenario in SCENARIOS:
-            for server in SERVERS:
-                runs[(server, scenario)].append(load_run(server, scenario, args.duration))
+            for (server, s), results in runs.items():
+                if s == scenario:
+                    results.append(load_run(server, scenario, args.duration))
         for server in idle:
             idle[server].append(idle_run(server, args.idle))
 
@@ -212,16 +221,18 @@ def main():
     print("|---|---|---:|---:|---:|---:|---:|")
     for scenario in SCENARIOS:
         cells = {}
-        for server in SERVERS:
+        for server in [s for (s, c) in runs if c == scenario]:
             rs = runs[(server, scenario)]
             cells[server] = {k: med([x[k] for x in rs]) for k in ("rps", "p50", "p99", "rss_kb", "cpu_us")}
             c = cells[server]
             errors = "; ".join(sorted({x["errors"] for x in rs if "errors" in x}))
             print(f"| {scenario} | {server} | {c['rps']:,.0f} | {fmt_us(c['p50'])} | {fmt_us(c['p99'])} | "
                   f"{c['rss_kb'] / 1024:.1f} MiB | {c['cpu_us']:.2f} µs |" + (f" {errors}" if errors else ""))
-        h, s = cells["hyper"], cells["servicegroup"]
-        print(f"| {scenario} | **ratio sg/hyper** | {s['rps'] / h['rps']:.2f}× | {s['p50'] / h['p50']:.2f}× | "
-              f"{s['p99'] / h['p99']:.2f}× | {s['rss_kb'] / h['rss_kb']:.2f}× | **{s['cpu_us'] / h['cpu_us']:.2f}×** |")
+        pairs = [("hyper", "servicegroup", "")] + [("hyper, 1 thread", "servicegroup, 1 thread", ", 1 thread")] * (scenario == keep_alive)
+        for hyper, sg, label in pairs:
+            h, s = cells[hyper], cells[sg]
+            print(f"| {scenario} | **ratio sg/hyper{label}** | {s['rps'] / h['rps']:.2f}× | {s['p50'] / h['p50']:.2f}× | "
+                  f"{s['p99'] / h['p99']:.2f}× | {s['rss_kb'] / h['rss_kb']:.2f}× | **{s['cpu_us'] / h['cpu_us']:.2f}×** |")
     t_on = med([x["cpu_us"] for x in runs[("servicegroup", "keep-alive, 64 connections")]])
     t_off = med([x["cpu_us"] for x in runs[("sg, timeouts off", "keep-alive, 64 connections")]])
     print(f"\ntimeouts on vs off, keep-alive CPU/request: {t_on:.2f} µs vs {t_off:.2f} µs ({(t_on / t_off - 1) * 100:+.1f}%)")

@@ -114,10 +114,9 @@ pub fn connection(script: Script, max_polls: usize) -> Exchange {
         write_closed: AtomicBool::new(false),
     };
     let output = pipe.output.clone();
-    let peer = SocketAddr::from(([127, 0, 0, 1], 1));
     let waker = Waker::from(Arc::new(Noop));
     let mut cx = TaskContext::from_waker(&waker);
-    let mut future = Box::pin(conn::serve(pipe, peer, &ctx));
+    let mut future = Box::pin(conn::serve(pipe, &ctx));
     let mut exchange = Exchange::default();
     while exchange.polls < max_polls {
         exchange.polls += 1;
@@ -211,5 +210,9 @@ impl Io for Pipe {
 
     fn shutdown_write(&self) {
         self.write_closed.store(true, Ordering::Relaxed);
+    }
+
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        None
     }
 }

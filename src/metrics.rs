@@ -11,6 +11,10 @@ use crate::h1::decode::DecodeError;
 /// plus 1 ms, so fast services do not all land in the first bucket).
 pub(crate) const BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
+/// [`BUCKETS`] in microseconds, for the hot path.
+const BUCKET_MICROS: [u64; 12] =
+    [1_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000];
+
 /// Why a request was refused before reaching the handler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Reject {
@@ -116,10 +120,10 @@ impl Metrics {
         if let Some(status) = status {
             self.response(status);
         }
-        let secs = elapsed.as_secs_f64();
-        let bucket = BUCKETS.iter().position(|&le| secs <= le).unwrap_or(BUCKETS.len());
+        let micros = elapsed.as_micros() as u64;
+        let bucket = BUCKET_MICROS.iter().position(|&le| micros <= le).unwrap_or(BUCKETS.len());
         self.duration_buckets[bucket].fetch_add(1, Relaxed);
-        self.duration_micros.fetch_add(elapsed.as_micros() as u64, Relaxed);
+        self.duration_micros.fetch_add(micros, Relaxed);
     }
 
     /// A response with `status` was sent outside a handler (an error the server answered).

@@ -7,7 +7,8 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 
 use event_listener::{Event, EventListener};
 
@@ -22,6 +23,66 @@ struct LatchInner {
     set: AtomicBool,
     /// Woken when `set` becomes true.
     event: Event,
+    /// Long-lived waiters ([`Slot`]s), woken when `set` becomes true.
+    slots: Mutex<Slots>,
+}
+
+/// Wakers in one array, so that a waiter costs a slot rather than an allocation: thousands
+/// of idle connections each wait on the drain for their whole life.
+#[derive(Default)]
+struct Slots {
+    /// The wakers; `None` in free slots.
+    wakers: Vec<Option<Waker>>,
+    /// Indices of free slots.
+    free: Vec<usize>,
+}
+
+/// A long-lived place to wait on a [`Latch`]; gives its slot back when dropped.
+pub(crate) struct Slot {
+    /// The latch.
+    latch: Latch,
+    /// The slot index, once registered.
+    index: Option<usize>,
+}
+
+impl Slot {
+    /// Ready once the latch is set; otherwise keeps `cx`'s waker in the slot.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.latch.is_set() {
+            return Poll::Ready(());
+        }
+        {
+            let mut slots = self.latch.0.slots.lock().unwrap_or_else(PoisonError::into_inner);
+            let slots = &mut *slots;
+            let index = *self.index.get_or_insert_with(|| match slots.free.pop() {
+                Some(free) => free,
+                None => {
+                    slots.wakers.push(None);
+                    slots.wakers.len() - 1
+                }
+            });
+            match &mut slots.wakers[index] {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                slot => *slot = Some(cx.waker().clone()),
+            }
+        }
+        // Re-check: `set` may have emptied the slots before this waker went in.
+        if self.latch.is_set() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(index) = self.index {
+            let mut slots = self.latch.0.slots.lock().unwrap_or_else(PoisonError::into_inner);
+            slots.wakers[index] = None;
+            slots.free.push(index);
+        }
+    }
 }
 
 impl Latch {
@@ -30,8 +91,18 @@ impl Latch {
         let first = !self.0.set.swap(true, Ordering::SeqCst);
         if first {
             self.0.event.notify(usize::MAX);
+            let wakers: Vec<Waker> = {
+                let mut slots = self.0.slots.lock().unwrap_or_else(PoisonError::into_inner);
+                slots.wakers.iter_mut().filter_map(Option::take).collect()
+            };
+            wakers.into_iter().for_each(Waker::wake);
         }
         first
+    }
+
+    /// A long-lived place to wait on this latch (see [`Slot`]).
+    pub(crate) fn slot(&self) -> Slot {
+        Slot { latch: self.clone(), index: None }
     }
 
     /// Whether the latch is set.
@@ -40,8 +111,7 @@ impl Latch {
     }
 
     /// Registers interest before a later [`Latch::is_set`] check, so that no wake-up is lost
-    /// between checking and waiting. A listener stays valid until the latch is set, so a
-    /// connection can keep one for its whole life.
+    /// between checking and waiting.
     pub(crate) fn listen(&self) -> EventListener {
         self.0.event.listen()
     }
@@ -168,6 +238,25 @@ mod tests {
         block_on(a);
         block_on(b);
         block_on(latch.wait());
+    }
+
+    #[test]
+    fn slots_are_woken_reused_and_freed() {
+        use futures_lite::future::poll_fn;
+        let latch = Latch::default();
+        let mut a = latch.slot();
+        let mut b = latch.slot();
+        assert!(block_on(poll_once(poll_fn(|cx| a.poll(cx)))).is_none());
+        assert!(block_on(poll_once(poll_fn(|cx| b.poll(cx)))).is_none());
+        drop(b);
+        let mut c = latch.slot();
+        assert!(block_on(poll_once(poll_fn(|cx| c.poll(cx)))).is_none());
+        assert_eq!(latch.0.slots.lock().unwrap().wakers.len(), 2, "the freed slot was reused");
+        let waiter = std::thread::spawn(move || block_on(poll_fn(|cx| a.poll(cx))));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        latch.set();
+        waiter.join().unwrap();
+        block_on(poll_fn(|cx| c.poll(cx)));
     }
 
     #[test]

@@ -592,10 +592,10 @@ pub struct ChunkedDecoder {
     state: Chunk,
     /// The chunk size being read, then the data bytes left in the chunk.
     size: u64,
-    /// Extension bytes on the current size line.
-    ext_bytes: usize,
-    /// Trailer bytes so far.
-    trailer_bytes: usize,
+    /// Bytes after the digits of the current size line (bounded: u16 is enough).
+    ext_bytes: u16,
+    /// Trailer bytes so far (bounded: u16 is enough).
+    trailer_bytes: u16,
 }
 
 impl Default for ChunkedDecoder {
@@ -637,7 +637,7 @@ impl ChunkedDecoder {
     /// [`MAX_CHUNK_EXT_BYTES`].
     fn after_size(&mut self, next: Chunk) -> Result<Chunk, DecodeError> {
         self.ext_bytes += 1;
-        if self.ext_bytes > MAX_CHUNK_EXT_BYTES {
+        if usize::from(self.ext_bytes) > MAX_CHUNK_EXT_BYTES {
             return Err(DecodeError::Malformed("chunk extensions are too long"));
         }
         Ok(next)
@@ -682,7 +682,7 @@ impl ChunkedDecoder {
             (Chunk::Trailer, b'\r') => Chunk::TrailerLf,
             (Chunk::TrailerStart | Chunk::Trailer, _) if is_text(b) => {
                 self.trailer_bytes += 1;
-                if self.trailer_bytes > MAX_TRAILER_BYTES {
+                if usize::from(self.trailer_bytes) > MAX_TRAILER_BYTES {
                     return Err(DecodeError::Malformed("trailer fields are too large"));
                 }
                 Chunk::Trailer

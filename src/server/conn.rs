@@ -24,7 +24,6 @@ use std::task::{ready, Context as TaskContext, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_io::{Async, Timer};
-use event_listener::EventListener;
 use futures_lite::future::{poll_fn, poll_once};
 use futures_lite::FutureExt;
 use http::header::{self, HeaderMap};
@@ -36,7 +35,7 @@ use crate::h1::decode::{self, BodyDecoder, BodyLength, DecodeError, Head, HeadSc
 use crate::h1::encode::{self, Connection, ResponseHead, CONTINUE, CRLF, DATE_LEN, LAST_CHUNK};
 use crate::handler::Handler;
 use crate::metrics::{Metrics, Reject};
-use crate::shutdown::Latch;
+use crate::shutdown::{Latch, Slot};
 
 /// Unread request body drained after a response so the connection can serve another request.
 /// Past this the connection closes instead: reading a large upload nobody wants costs more
@@ -76,6 +75,8 @@ pub(crate) trait Io: Send + Sync + 'static {
     fn poll_write_vectored(&self, cx: &mut TaskContext<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>>;
     /// Shuts the sending side (FIN), keeping the receiving side open.
     fn shutdown_write(&self);
+    /// The client's address, for logs.
+    fn peer_addr(&self) -> Option<SocketAddr>;
 }
 
 impl Io for Async<TcpStream> {
@@ -93,6 +94,10 @@ impl Io for Async<TcpStream> {
 
     fn shutdown_write(&self) {
         let _ = self.get_ref().shutdown(std::net::Shutdown::Write);
+    }
+
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        self.get_ref().peer_addr().ok()
     }
 }
 
@@ -129,7 +134,7 @@ pub(crate) struct Context<H> {
 }
 
 /// Serves one connection until it closes; returns why it closed, if not cleanly.
-pub(crate) async fn serve<I: Io, H: Handler>(io: I, peer: SocketAddr, ctx: &Context<H>) -> Result<(), Error> {
+pub(crate) async fn serve<I: Io, H: Handler>(io: I, ctx: &Context<H>) -> Result<(), Error> {
     let mut conn = Conn {
         shared: Arc::new(Shared {
             io,
@@ -144,17 +149,16 @@ pub(crate) async fn serve<I: Io, H: Handler>(io: I, peer: SocketAddr, ctx: &Cont
             }),
         }),
         ctx,
-        peer,
         deadline: Deadline::default(),
         out: Vec::new(),
-        drain: None,
+        drain: ctx.close_idle.slot(),
         head: None,
         now: Instant::now(),
     };
     let result = conn.run().await;
     match &result {
-        Err(e) => log::trace!("{peer}: closed: {e}"),
-        Ok(()) => log::trace!("{peer}: closed"),
+        Err(e) => log::trace!("{}: closed: {e}", conn.peer()),
+        Ok(()) => log::trace!("{}: closed", conn.peer()),
     }
     result
 }
@@ -185,39 +189,42 @@ struct Conn<'a, I: Io, H> {
     shared: Arc<Shared<I>>,
     /// The server's shared context.
     ctx: &'a Context<H>,
-    /// For logs.
-    peer: SocketAddr,
     /// The one timer.
     deadline: Deadline,
     /// Encoded response bytes not yet written; pipelined responses gather here.
     out: Vec<u8>,
-    /// Wakes an idle connection when the drain starts; made once per connection.
-    drain: Option<EventListener>,
+    /// Wakes an idle connection when the drain starts; taken once per connection.
+    drain: Slot,
     /// The head being served. Kept here, not passed by value, so the futures that serve it
-    /// capture a reference and are cheap to move (moving them was 12% of a pipelined request).
-    head: Option<Head>,
+    /// capture a reference and are cheap to move (moving them was 12% of a pipelined
+    /// request); boxed, so an idle connection does not carry its 232 bytes.
+    head: Option<Box<Head>>,
     /// The last time read from the clock. Reading it costs a few percent of a request, so
     /// phases that start without waiting reuse it.
     now: Instant,
 }
 
 impl<I: Io, H: Handler> Conn<'_, I, H> {
+    /// The client's address, for logs (asked of the socket: it is only needed there).
+    fn peer(&self) -> String {
+        self.shared.io.peer_addr().map_or_else(|| "unknown peer".into(), |a| a.to_string())
+    }
+
     /// The keep-alive loop.
     async fn run(&mut self) -> Result<(), Error> {
-        let accepted = self.now;
-        let ctx = self.ctx;
-        let settings = &ctx.settings;
+        // The first request's header-read deadline runs from accept, through the wait for its
+        // first byte. (Locals held across awaits live in every idle task: keep them few.)
+        self.deadline.set(after(self.now, self.ctx.settings.header_read_timeout));
         let mut first = true;
         loop {
             // 1. Wait for the next request's first byte, unless it is already buffered. (The
             //    clock was read when the last exchange ended.)
             if self.shared.lock().buf.is_empty() {
-                let (phase, deadline) = if first {
-                    (Phase::HeaderRead, after(accepted, settings.header_read_timeout))
-                } else {
-                    (Phase::Idle, after(self.now, settings.idle_timeout))
-                };
-                match self.wait_for_request(deadline).await {
+                let phase = if first { Phase::HeaderRead } else { Phase::Idle };
+                if !first {
+                    self.deadline.set(after(self.now, self.ctx.settings.idle_timeout));
+                }
+                match self.wait_for_request().await {
                     Some(Ok(Wait::Readable)) => {}
                     Some(Ok(Wait::Drain)) => return Ok(()),
                     Some(Err(e)) => return Err(e.into()),
@@ -227,11 +234,12 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                     self.now = Instant::now();
                 }
             }
-            // 2. Read the head: the header-read deadline runs from accept for the first request,
-            //    from its first byte for the others.
-            let start = if first { accepted } else { self.now };
+            // 2. Read the head: the header-read deadline runs from its first byte (from accept
+            //    for the first request, as set above).
+            if !first {
+                self.deadline.set(after(self.now, self.ctx.settings.header_read_timeout));
+            }
             first = false;
-            self.deadline.set(after(start, settings.header_read_timeout));
             match self.read_head().await {
                 Ok(true) => {}
                 Ok(false) => return Ok(()),
@@ -243,7 +251,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                 Err(HeadError::TimedOut { partial }) => {
                     let e = self.timed_out(Phase::HeaderRead);
                     if partial {
-                        ctx.metrics.response(408);
+                        self.ctx.metrics.response(408);
                         let message = "the request head took longer than the server's header read timeout";
                         encode::encode_error(
                             &mut self.out,
@@ -273,34 +281,29 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
     fn timed_out(&self, phase: Phase) -> Error {
         self.ctx.metrics.timed_out(phase);
         let e = Error::TimedOut(phase);
-        log::debug!("{}: {e}", self.peer);
+        log::debug!("{}: {e}", self.peer());
         e
     }
 
     /// Waits until the socket is readable, the deadline passes (`None`), or the drain starts.
-    async fn wait_for_request(&mut self, deadline: Option<Instant>) -> Option<io::Result<Wait>> {
+    async fn wait_for_request(&mut self) -> Option<io::Result<Wait>> {
         debug_assert!(self.out.is_empty(), "waiting with unsent responses");
-        // An idle connection holds no read buffer, and no write buffer beyond a small one.
+        // An idle connection holds no buffers.
         self.shared.lock().buf.release();
-        if self.out.capacity() > READ_CHUNK {
-            self.out = Vec::new();
-        }
-        self.deadline.set(deadline);
-        let close_idle = &self.ctx.close_idle;
-        if close_idle.is_set() {
+        release_out(&mut self.out);
+        if self.ctx.close_idle.is_set() {
             return Some(Ok(Wait::Drain));
         }
-        let drain = self.drain.get_or_insert_with(|| close_idle.listen());
-        if close_idle.is_set() {
-            return Some(Ok(Wait::Drain));
-        }
-        let shared = &self.shared;
-        let readable = poll_fn(|cx| shared.io.poll_readable(cx).map_ok(|()| Wait::Readable));
-        let drained = async {
-            drain.await;
-            Ok(Wait::Drain)
-        };
-        self.deadline.race(readable.or(drained)).await
+        // One poll function for the three-way race: the smallest state an idle task can hold.
+        let Conn { shared, deadline, drain, .. } = self;
+        deadline
+            .race_fn(|cx| {
+                if let Poll::Ready(ready) = shared.io.poll_readable(cx) {
+                    return Poll::Ready(ready.map(|()| Wait::Readable));
+                }
+                drain.poll(cx).map(|()| Ok(Wait::Drain))
+            })
+            .await
     }
 
     /// Reads until a whole head parses, into `self.head`. `Ok(false)`: the client closed (or
@@ -320,7 +323,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                     match decode::parse_head(&st.buf.filled()[..n], limits) {
                         Ok(Some((head, len))) => {
                             st.buf.consume(len);
-                            self.head = Some(head);
+                            self.head = Some(Box::new(head));
                             return Ok(true);
                         }
                         Ok(None) => {}
@@ -341,7 +344,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                     None => return Err(timed_out()),
                 }
             }
-            match deadline.race(poll_fn(|cx| shared.poll_fill(cx))).await {
+            match deadline.race_fn(|cx| shared.poll_fill(cx)).await {
                 Some(Ok(_)) => self.now = Instant::now(),
                 Some(Err(e)) => return Err(HeadError::Io(e)),
                 None => return Err(timed_out()),
@@ -352,7 +355,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
     /// Answers a request the codec refused, and counts it.
     fn reject(&mut self, e: DecodeError) {
         let status = decode_status(&e);
-        log::debug!("{}: refused a request with {status}: {}", self.peer, e.reason());
+        log::debug!("{}: refused a request with {status}: {}", self.peer(), e.reason());
         self.ctx.metrics.rejected(Reject::from(&e));
         self.ctx.metrics.response(status.as_u16());
         encode::encode_error(&mut self.out, status, e.reason(), &date(self.now));
@@ -376,7 +379,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
             Some(Ok(result)) => result,
             Some(Err(panic)) => {
                 metrics.panicked();
-                let peer = self.peer;
+                let peer = self.peer();
                 log::error!("{peer}: handler panicked: {}; answering 500 and closing", panic_message(&panic));
                 if !progress.head_written {
                     progress.status = Some(500);
@@ -454,13 +457,12 @@ async fn respond<I: Io, H: Handler>(
     shared: &Arc<Shared<I>>,
     out: &mut Vec<u8>,
     ctx: &Context<H>,
-    head: &mut Option<Head>,
+    head: &mut Option<Box<Head>>,
     now: Instant,
     progress: &mut Progress,
 ) -> Result<Next, Error> {
-    let Some(Head { method, uri, version, headers, body: length, keep_alive, expect_continue }) = head.take() else {
-        return Ok(Next::Close);
-    };
+    let Some(head) = head.take() else { return Ok(Next::Close) };
+    let Head { method, uri, version, headers, body: length, keep_alive, expect_continue } = *head;
     let request = {
         let mut st = shared.lock();
         st.request += 1;
@@ -546,9 +548,9 @@ async fn respond<I: Io, H: Handler>(
         let mut st = shared.lock();
         // 4. A request body with broken framing leaves the connection unusable: answer 400
         //    whatever the handler said (it saw the error reading the body).
-        if let Some(e) = st.error {
+        if let Some(why) = st.error {
             drop(st);
-            return Ok(refuse(ctx, out, progress, Error::BadRequest(e.reason()), now));
+            return Ok(refuse(ctx, out, progress, Error::BadRequest(why), now));
         }
         let pipelined = st.body.is_done() && !st.buf.is_empty();
         if ctx.close_responses.is_set() && !pipelined {
@@ -559,7 +561,7 @@ async fn respond<I: Io, H: Handler>(
             match st.expect {
                 // Finish a 100 Continue the body started writing.
                 Continue::Sending(n) => {
-                    out.extend_from_slice(&CONTINUE[n..]);
+                    out.extend_from_slice(&CONTINUE[usize::from(n)..]);
                     st.expect = Continue::Sent;
                 }
                 // The client holds its body back and was never asked for it.
@@ -579,6 +581,9 @@ async fn respond<I: Io, H: Handler>(
     } else {
         Connection::Default
     };
+    if out.capacity() == 0 {
+        *out = OUT_POOL.with(|pool| pool.borrow_mut().pop()).unwrap_or_default();
+    }
     let date = date(now);
     encode::encode_head(
         out,
@@ -841,6 +846,18 @@ impl Deadline {
         }
     }
 
+    /// [`Deadline::race`] for work that is a poll function: a smaller future, for the waits
+    /// an idle or slow connection sits in.
+    fn race_fn<'a, T>(
+        &'a mut self,
+        mut work: impl FnMut(&mut TaskContext<'_>) -> Poll<T> + 'a,
+    ) -> impl Future<Output = Option<T>> + 'a {
+        poll_fn(move |cx| match work(cx) {
+            Poll::Ready(done) => Poll::Ready(Some(done)),
+            Poll::Pending => self.poll_expired(cx).map(|()| None),
+        })
+    }
+
     /// Runs `work` until it finishes (`Some`) or the deadline passes (`None`, and `work` is
     /// dropped). Work that finishes in the same poll as the timer wins.
     async fn race<T>(&mut self, work: impl Future<Output = T>) -> Option<T> {
@@ -857,7 +874,7 @@ enum Continue {
     /// The client waits for `100 Continue` before sending the body; nothing sent yet.
     Waiting,
     /// This many bytes of it were written.
-    Sending(usize),
+    Sending(u8),
     /// It was sent.
     Sent,
 }
@@ -882,8 +899,8 @@ struct ReadState {
     expect: Continue,
     /// Whether the response head has been encoded (no `100 Continue` after that).
     head_started: bool,
-    /// The body's framing broke: the connection cannot be reused.
-    error: Option<DecodeError>,
+    /// The body's framing broke (why): the connection cannot be reused.
+    error: Option<&'static str>,
     /// The client closed its sending side.
     eof: bool,
 }
@@ -916,14 +933,18 @@ impl<I: Io> Shared<I> {
         loop {
             let sent = match st.expect {
                 Continue::Waiting if !st.head_started => 0,
-                Continue::Sending(sent) if !st.head_started => sent,
+                Continue::Sending(sent) if !st.head_started => usize::from(sent),
                 _ => return Poll::Ready(Ok(())),
             };
             let n = ready!(self.io.poll_write_vectored(cx, &[IoSlice::new(&CONTINUE[sent..])]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            st.expect = if sent + n == CONTINUE.len() { Continue::Sent } else { Continue::Sending(sent + n) };
+            let sent = sent + n;
+            st.expect = match u8::try_from(sent) {
+                Ok(sent) if usize::from(sent) < CONTINUE.len() => Continue::Sending(sent),
+                _ => Continue::Sent,
+            };
         }
     }
 
@@ -938,8 +959,8 @@ impl<I: Io> Shared<I> {
     ) -> Poll<Result<usize, Error>> {
         let max = out.as_ref().map_or(max.min(usize::MAX as u64) as usize, |o| o.len());
         loop {
-            if let Some(e) = st.error {
-                return Poll::Ready(Err(Error::BadRequest(e.reason())));
+            if let Some(why) = st.error {
+                return Poll::Ready(Err(Error::BadRequest(why)));
             }
             if st.body.is_done() || max == 0 {
                 return Poll::Ready(Ok(0));
@@ -947,7 +968,7 @@ impl<I: Io> Shared<I> {
             if !st.buf.is_empty() {
                 match st.body.decode(st.buf.filled(), max) {
                     Err(e) => {
-                        st.error = Some(e);
+                        st.error = Some(e.reason());
                         continue;
                     }
                     Ok(step) => {
@@ -1084,8 +1105,26 @@ impl ReadBuf {
 /// Read buffers kept per thread for reuse, at most.
 const POOL_BUFFERS: usize = 64;
 
+/// Gives an empty write buffer back to this thread's pool (unless it grew large).
+fn release_out(out: &mut Vec<u8>) {
+    if out.capacity() == 0 {
+        return;
+    }
+    let out = std::mem::take(out);
+    if out.capacity() <= READ_CHUNK {
+        OUT_POOL.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            if pool.len() < POOL_BUFFERS {
+                pool.push(out);
+            }
+        });
+    }
+}
+
 thread_local! {
     /// Read buffers of [`READ_CHUNK`] bytes, free for the next connection that wakes on this
     /// thread: busy connections skip the allocator, idle ones hold nothing.
     static POOL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Empty write buffers, likewise.
+    static OUT_POOL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
 }

@@ -127,10 +127,11 @@ async fn accept_loop<H: Handler>(
                 ctx.metrics.accepted();
                 let guard = connections.guard();
                 let ctx = ctx.clone();
+                log::trace!("{peer}: accepted");
                 ex.spawn(async move {
                     let _guard = guard;
-                    if AssertUnwindSafe(conn::serve(stream, peer, &ctx)).catch_unwind().await.is_err() {
-                        log::error!("{peer}: connection task panicked; connection closed");
+                    if AssertUnwindSafe(conn::serve(stream, &ctx)).catch_unwind().await.is_err() {
+                        log::error!("a connection task panicked; its connection is closed");
                     }
                 })
                 .detach();
