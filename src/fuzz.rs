@@ -104,6 +104,7 @@ pub fn connection(script: Script, max_polls: usize) -> Exchange {
         close_responses: Latch::default(),
         close_idle: Latch::default(),
         metrics: Arc::new(Metrics::default()),
+        clock: Default::default(),
     };
     let pipe = Pipe {
         reads: Mutex::new(script.reads.into_iter().filter(|r| !r.is_empty()).collect()),

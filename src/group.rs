@@ -17,6 +17,7 @@ use crate::error::{BoxError, Error, Result};
 use crate::h1::decode::Limits;
 use crate::handler::Handler;
 use crate::metrics::Metrics;
+use crate::server::clock::Clock;
 use crate::server::conn::{Context, Settings};
 use crate::server::{Listener, Server, Workers};
 use crate::shutdown::{Counter, Latch, Shutdown};
@@ -60,6 +61,8 @@ pub struct Group {
     shutdown: Shutdown,
     /// The service server.
     service: Service,
+    /// The clock behind its deadlines.
+    service_clock: Clock,
     /// The service's bound address.
     addr: SocketAddr,
     /// Set when the service's drain starts.
@@ -101,14 +104,17 @@ impl Group {
             close_responses: shutdown.latch().clone(),
             close_idle: service_drain.clone(),
             metrics: metrics.clone(),
+            clock: Default::default(),
         };
         let server = Server::new(listener, ctx, config.max_connections);
         let service_connections = server.connections();
+        let service_clock = server.clock();
         let service: Service = Box::new(move |ex| Box::pin(server.run(ex)));
         Ok(Group {
             config,
             shutdown,
             service,
+            service_clock,
             addr,
             service_drain,
             service_connections,
@@ -173,6 +179,7 @@ impl Group {
             config,
             shutdown,
             service,
+            service_clock,
             addr: _,
             service_drain,
             service_connections,
@@ -182,6 +189,8 @@ impl Group {
             members,
         } = self;
         let workers = Workers::start(config.threads)?;
+        // The clock threads stop when these guards drop, as run returns.
+        let mut clocks = vec![service_clock.start("service").map_err(Error::Io)?];
         let service_drained = Latch::default();
         let mut all = Vec::with_capacity(members.len() + 2);
 
@@ -227,9 +236,11 @@ impl Group {
                 close_responses: drain.clone(),
                 close_idle: drain.clone(),
                 metrics: Arc::new(Metrics::default()),
+                clock: Default::default(),
             };
             let server = Server::new(listener, ctx, None);
             debug_connections = server.connections();
+            clocks.push(server.start_clock()?);
             let ex = workers.executor().clone();
             let service_drained = service_drained.wait();
             all.push(Member {

@@ -14,7 +14,6 @@
 //! the connection's shared read state ([`Shared`]), so the handler can stream it, and the
 //! connection gets the rest back afterwards to drain it (up to [`DRAIN_LIMIT`]) for reuse.
 
-use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::{SocketAddr, TcpStream};
 use std::panic::AssertUnwindSafe;
@@ -23,12 +22,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context as TaskContext, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use async_io::{Async, Timer};
+use async_io::Async;
 use futures_lite::future::{poll_fn, poll_once};
 use futures_lite::FutureExt;
 use http::header::{self, HeaderMap};
 use http::{Method, Request, StatusCode, Version};
 
+use super::clock::{Clock, Deadline};
 use crate::body::{Body, Incoming, Source};
 use crate::error::{decode_status, Error, Phase};
 use crate::h1::decode::{self, BodyDecoder, BodyLength, DecodeError, Head, HeadScanner, Limits};
@@ -131,6 +131,8 @@ pub(crate) struct Context<H> {
     pub(crate) close_idle: Latch,
     /// Counters for the debug server.
     pub(crate) metrics: Arc<Metrics>,
+    /// Sweeps the connections' deadlines.
+    pub(crate) clock: Clock,
 }
 
 /// Serves one connection until it closes; returns why it closed, if not cleanly.
@@ -149,7 +151,7 @@ pub(crate) async fn serve<I: Io, H: Handler>(io: I, ctx: &Context<H>) -> Result<
             }),
         }),
         ctx,
-        deadline: Deadline::default(),
+        deadline: ctx.clock.deadline(),
         out: Vec::new(),
         drain: ctx.close_idle.slot(),
         head: None,
@@ -797,73 +799,6 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> &str {
         .copied()
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("(no message)")
-}
-
-/// One timer per connection. A phase sets a deadline, which costs nothing: the timer is
-/// (re)registered with the reactor only when a phase actually waits and the timer would fire
-/// too late for it. A timer that fires early for a deadline since pushed back is re-armed, so
-/// a busy keep-alive connection, whose deadlines only ever move later, touches the reactor
-/// once per timeout period instead of once per request (each registration wakes the reactor).
-struct Deadline {
-    /// The timer.
-    timer: Timer,
-    /// The current phase's deadline.
-    when: Option<Instant>,
-    /// When the timer is set to fire, if it is set.
-    armed: Option<Instant>,
-}
-
-impl Default for Deadline {
-    fn default() -> Self {
-        Deadline { timer: Timer::never(), when: None, armed: None }
-    }
-}
-
-impl Deadline {
-    /// Starts a phase with this deadline (`None`: no timeout).
-    fn set(&mut self, when: Option<Instant>) {
-        self.when = when;
-    }
-
-    /// Ready once the current deadline has passed.
-    fn poll_expired(&mut self, cx: &mut TaskContext<'_>) -> Poll<()> {
-        let Some(when) = self.when else { return Poll::Pending };
-        loop {
-            // The timer must fire no later than the deadline; earlier is checked below.
-            if self.armed.is_none_or(|armed| armed > when) {
-                self.timer.set_at(when);
-                self.armed = Some(when);
-            }
-            match Pin::new(&mut self.timer).poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(_) => {
-                    self.armed = None;
-                    if Instant::now() >= when {
-                        return Poll::Ready(());
-                    }
-                }
-            }
-        }
-    }
-
-    /// [`Deadline::race`] for work that is a poll function: a smaller future, for the waits
-    /// an idle or slow connection sits in.
-    fn race_fn<'a, T>(
-        &'a mut self,
-        mut work: impl FnMut(&mut TaskContext<'_>) -> Poll<T> + 'a,
-    ) -> impl Future<Output = Option<T>> + 'a {
-        poll_fn(move |cx| match work(cx) {
-            Poll::Ready(done) => Poll::Ready(Some(done)),
-            Poll::Pending => self.poll_expired(cx).map(|()| None),
-        })
-    }
-
-    /// Runs `work` until it finishes (`Some`) or the deadline passes (`None`, and `work` is
-    /// dropped). Work that finishes in the same poll as the timer wins.
-    async fn race<T>(&mut self, work: impl Future<Output = T>) -> Option<T> {
-        let expired = poll_fn(|cx| self.poll_expired(cx).map(|()| None));
-        async { Some(work.await) }.or(expired).await
-    }
 }
 
 /// Whether a `100 Continue` is owed to the client.

@@ -1,6 +1,7 @@
 //! Listening and accepting: one task and one drain guard per connection, run on a pool of
 //! executor threads.
 
+pub(crate) mod clock;
 pub(crate) mod conn;
 
 use std::net::{SocketAddr, TcpListener};
@@ -70,6 +71,17 @@ impl<H: Handler> Server<H> {
     /// The open-connection counter.
     pub(crate) fn connections(&self) -> Counter {
         self.connections.clone()
+    }
+
+    /// Starts the thread that enforces this server's connection deadlines; it stops when the
+    /// returned guard is dropped.
+    pub(crate) fn start_clock(&self) -> Result<clock::Sweeper> {
+        self.ctx.clock.start(self.listener.name).map_err(Error::Io)
+    }
+
+    /// The clock behind this server's deadlines.
+    pub(crate) fn clock(&self) -> clock::Clock {
+        self.ctx.clock.clone()
     }
 
     /// Accepts connections onto `ex` until the context's `close_idle` latch is set, closes the
