@@ -185,7 +185,14 @@ def per_request_instructions(server, small=300, large=1300):
 
 
 def fmt_us(us):
+    # wrk sometimes reports a 99th percentile of 0 under deep pipelining: not a measurement.
+    if us <= 0:
+        return "n/a"
     return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} µs"
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}×" if a > 0 and b > 0 else "n/a"
 
 
 def main():
@@ -231,8 +238,8 @@ def main():
         pairs = [("hyper", "servicegroup", "")] + [("hyper, 1 thread", "servicegroup, 1 thread", ", 1 thread")] * (scenario == keep_alive)
         for hyper, sg, label in pairs:
             h, s = cells[hyper], cells[sg]
-            print(f"| {scenario} | **ratio sg/hyper{label}** | {s['rps'] / h['rps']:.2f}× | {s['p50'] / h['p50']:.2f}× | "
-                  f"{s['p99'] / h['p99']:.2f}× | {s['rss_kb'] / h['rss_kb']:.2f}× | **{s['cpu_us'] / h['cpu_us']:.2f}×** |")
+            print(f"| {scenario} | **ratio sg/hyper{label}** | {ratio(s['rps'], h['rps'])} | {ratio(s['p50'], h['p50'])} | "
+                  f"{ratio(s['p99'], h['p99'])} | {ratio(s['rss_kb'], h['rss_kb'])} | **{ratio(s['cpu_us'], h['cpu_us'])}** |")
     t_on = med([x["cpu_us"] for x in runs[("servicegroup", "keep-alive, 64 connections")]])
     t_off = med([x["cpu_us"] for x in runs[("sg, timeouts off", "keep-alive, 64 connections")]])
     print(f"\ntimeouts on vs off, keep-alive CPU/request: {t_on:.2f} µs vs {t_off:.2f} µs ({(t_on / t_off - 1) * 100:+.1f}%)")
