@@ -19,10 +19,11 @@
 //!
 //! A small hand-written HTTP/1.1 connection loop (RFC 9112) runs each connection as a task on
 //! an [`async_executor::Executor`] driven by one thread per core. It races each phase of a
-//! connection against one timer: waiting for a request (idle timeout), reading its head
-//! (header-read timeout), and everything after (write timeout: body, handler, response). A
-//! supervisor races the group's members against a shared stop signal, and a counter of open
-//! connections tells the drain when it is done. It depends on smol's building blocks
+//! connection against one deadline: waiting for a request (idle timeout), reading its head
+//! (header-read timeout), and everything after (write timeout: body, handler, response).
+//! Setting a deadline is an atomic store; one small sweeper thread per server wakes the
+//! connections whose deadline has passed. A supervisor races the group's members against a
+//! shared stop signal, and a counter of open connections tells the drain when it is done. It depends on smol's building blocks
 //! (async-io, async-executor, futures-lite), `http` for types and `httparse` for parsing;
 //! no tokio, no hyper.
 //!

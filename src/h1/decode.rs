@@ -66,7 +66,7 @@ impl DecodeError {
 pub struct Limits {
     /// Largest head in bytes (request line, fields and the blank line).
     pub max_head_bytes: usize,
-    /// Most header fields; clamped to [`MAX_HEADERS`].
+    /// Most header fields; at most `MAX_HEADERS` (256).
     pub max_headers: usize,
 }
 
