@@ -205,6 +205,15 @@ mod profile {
         };
         drop(guard);
         if svg {
+            if report.data.is_empty() {
+                // inferno draws nothing at all for no samples; a browser should see why.
+                let empty = format!(
+                    "<?xml version=\"1.0\" standalone=\"no\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" \
+                     width=\"640\" height=\"40\"><text x=\"10\" y=\"25\">No CPU samples in {seconds} s: the \
+                     process was idle.</text></svg>\n"
+                );
+                return typed(StatusCode::OK, "image/svg+xml", empty);
+            }
             let mut out = Vec::new();
             if let Err(e) = report.flamegraph(&mut out) {
                 return text(StatusCode::INTERNAL_SERVER_ERROR, format!("could not draw the flamegraph: {e}\n"));

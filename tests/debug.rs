@@ -123,6 +123,17 @@ fn a_flamegraph_is_svg() -> io::Result<()> {
 
 #[cfg(feature = "pprof")]
 #[test]
+fn a_flamegraph_of_an_idle_process_is_still_an_svg() -> io::Result<()> {
+    let _turn = PROFILER.lock().unwrap_or_else(|e| e.into_inner());
+    let server = debug_server();
+    let svg = fetch(server.debug_addr.unwrap(), "/debug/pprof/flamegraph?seconds=1");
+    assert_eq!((svg.status, svg.header("content-type")), (200, Some("image/svg+xml")));
+    assert!(svg.text().contains("<svg"), "{:?}", svg.text());
+    Ok(())
+}
+
+#[cfg(feature = "pprof")]
+#[test]
 fn of_two_concurrent_profiles_one_is_refused() -> io::Result<()> {
     let _turn = PROFILER.lock().unwrap_or_else(|e| e.into_inner());
     let server = debug_server();
