@@ -233,7 +233,7 @@ mod tests {
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(c.max_header_bytes, 64 * 1024);
         assert_eq!(c.max_headers, 100);
-        assert!(c.threads >= 1);
+        assert_eq!(c.threads, std::thread::available_parallelism().unwrap().get(), "one thread per core");
         c.validate().unwrap();
         let same = from(&[]).unwrap();
         assert_eq!(format!("{same:?}"), format!("{c:?}"));

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use event_listener::{Event, EventListener};
+use slab::Slab;
 
 /// A one-shot signal: once set it stays set, and every waiter wakes.
 #[derive(Clone, Default)]
@@ -23,18 +24,10 @@ struct LatchInner {
     set: AtomicBool,
     /// Woken when `set` becomes true.
     event: Event,
-    /// Long-lived waiters ([`Slot`]s), woken when `set` becomes true.
-    slots: Mutex<Slots>,
-}
-
-/// Wakers in one array, so that a waiter costs a slot rather than an allocation: thousands
-/// of idle connections each wait on the drain for their whole life.
-#[derive(Default)]
-struct Slots {
-    /// The wakers; `None` in free slots.
-    wakers: Vec<Option<Waker>>,
-    /// Indices of free slots.
-    free: Vec<usize>,
+    /// Long-lived waiters ([`Slot`]s), woken when `set` becomes true. One array, so that a
+    /// waiter costs a slot rather than an allocation: thousands of idle connections each
+    /// wait on the drain for their whole life.
+    slots: Mutex<Slab<Option<Waker>>>,
 }
 
 /// A long-lived place to wait on a [`Latch`]; gives its slot back when dropped.
@@ -53,15 +46,8 @@ impl Slot {
         }
         {
             let mut slots = self.latch.0.slots.lock().unwrap_or_else(PoisonError::into_inner);
-            let slots = &mut *slots;
-            let index = *self.index.get_or_insert_with(|| match slots.free.pop() {
-                Some(free) => free,
-                None => {
-                    slots.wakers.push(None);
-                    slots.wakers.len() - 1
-                }
-            });
-            match &mut slots.wakers[index] {
+            let index = *self.index.get_or_insert_with(|| slots.insert(None));
+            match &mut slots[index] {
                 Some(waker) if waker.will_wake(cx.waker()) => {}
                 slot => *slot = Some(cx.waker().clone()),
             }
@@ -78,9 +64,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(index) = self.index {
-            let mut slots = self.latch.0.slots.lock().unwrap_or_else(PoisonError::into_inner);
-            slots.wakers[index] = None;
-            slots.free.push(index);
+            self.latch.0.slots.lock().unwrap_or_else(PoisonError::into_inner).try_remove(index);
         }
     }
 }
@@ -93,7 +77,7 @@ impl Latch {
             self.0.event.notify(usize::MAX);
             let wakers: Vec<Waker> = {
                 let mut slots = self.0.slots.lock().unwrap_or_else(PoisonError::into_inner);
-                slots.wakers.iter_mut().filter_map(Option::take).collect()
+                slots.iter_mut().filter_map(|(_, waker)| waker.take()).collect()
             };
             wakers.into_iter().for_each(Waker::wake);
         }
@@ -248,10 +232,12 @@ mod tests {
         let mut b = latch.slot();
         assert!(block_on(poll_once(poll_fn(|cx| a.poll(cx)))).is_none());
         assert!(block_on(poll_once(poll_fn(|cx| b.poll(cx)))).is_none());
+        let freed = b.index;
         drop(b);
         let mut c = latch.slot();
         assert!(block_on(poll_once(poll_fn(|cx| c.poll(cx)))).is_none());
-        assert_eq!(latch.0.slots.lock().unwrap().wakers.len(), 2, "the freed slot was reused");
+        assert_eq!(c.index, freed, "the freed slot was reused");
+        assert_eq!(latch.0.slots.lock().unwrap().len(), 2);
         let waiter = std::thread::spawn(move || block_on(poll_fn(|cx| a.poll(cx))));
         std::thread::sleep(std::time::Duration::from_millis(20));
         latch.set();

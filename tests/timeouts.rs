@@ -178,6 +178,7 @@ fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout() -> io::Result<(
     let (handler, _) = app();
     let mut cfg = config();
     cfg.idle_timeout = Some(ms(200));
+    cfg.debug_addr = Some("127.0.0.1:0".parse().unwrap());
     let server = Server::start(handler, cfg);
     let mut client = Client::new(server.addr);
     assert_eq!(client.request(&get("/")).text(), "hello");
@@ -185,6 +186,11 @@ fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout() -> io::Result<(
     assert!(client.is_closed());
     let elapsed = start.elapsed();
     assert!(elapsed >= at_least(ms(200)) && elapsed < ms(200) + SLACK, "{elapsed:?}");
+    // Counted per phase, for the debug server.
+    let metrics =
+        exchange(server.debug_addr.unwrap(), b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    assert!(metrics.contains("servicegroup_timeouts_total{phase=\"idle\"} 1\n"), "{metrics}");
+    assert!(metrics.contains("servicegroup_timeouts_total{phase=\"header_read\"} 0\n"), "{metrics}");
     Ok(())
 }
 

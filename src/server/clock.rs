@@ -20,6 +20,7 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use futures_lite::future::poll_fn;
+use slab::Slab;
 
 /// The least time between two sweeps: deadlines fire up to this late. It bounds the sweeper's
 /// work when many connections have deadlines close together.
@@ -40,7 +41,7 @@ struct Inner {
     /// Millisecond 1 (deadlines are whole milliseconds after this, rounded up).
     epoch: Instant,
     /// Every live deadline slot, for the sweeper to look at.
-    slots: Mutex<Registry>,
+    slots: Mutex<Slab<Arc<Slot>>>,
     /// The millisecond the sweeper will next look; `NONE` while it is looking.
     next_sweep: AtomicU64,
     /// Set when a deadline earlier than `next_sweep` appeared.
@@ -64,15 +65,6 @@ impl Default for Inner {
     }
 }
 
-/// Slots in one array with a free list.
-#[derive(Default)]
-struct Registry {
-    /// The slots; `None` where free.
-    slots: Vec<Option<Arc<Slot>>>,
-    /// Free indices.
-    free: Vec<usize>,
-}
-
 /// One connection's deadline, shared with the sweeper.
 #[derive(Default)]
 struct Slot {
@@ -91,17 +83,7 @@ impl Clock {
     /// A new deadline slot, registered with the sweeper until dropped.
     pub(crate) fn deadline(&self) -> Deadline {
         let slot = Arc::new(Slot { deadline: AtomicU64::new(NONE), waker: Mutex::default() });
-        let mut registry = lock(&self.0.slots);
-        let index = match registry.free.pop() {
-            Some(index) => {
-                registry.slots[index] = Some(slot.clone());
-                index
-            }
-            None => {
-                registry.slots.push(Some(slot.clone()));
-                registry.slots.len() - 1
-            }
-        };
+        let index = lock(&self.0.slots).insert(slot.clone());
         Deadline { clock: self.clone(), slot, index, when: None }
     }
 
@@ -152,7 +134,7 @@ impl Clock {
             let now = self.now();
             let mut earliest = NONE;
             let mut due = Vec::new();
-            for slot in lock(&self.0.slots).slots.iter().flatten() {
+            for (_, slot) in lock(&self.0.slots).iter() {
                 let deadline = slot.deadline.load(SeqCst);
                 if deadline == NONE || deadline == EXPIRED {
                     continue;
@@ -259,9 +241,7 @@ impl Deadline {
 
 impl Drop for Deadline {
     fn drop(&mut self) {
-        let mut registry = lock(&self.clock.0.slots);
-        registry.slots[self.index] = None;
-        registry.free.push(self.index);
+        lock(&self.clock.0.slots).try_remove(self.index);
     }
 }
 
@@ -326,9 +306,12 @@ mod tests {
         let clock = Clock::default();
         let a = clock.deadline();
         let b = clock.deadline();
+        let freed = a.index;
         drop(a);
-        let _c = clock.deadline();
-        assert_eq!(lock(&clock.0.slots).slots.len(), 2);
-        drop(b);
+        let c = clock.deadline();
+        assert_eq!(c.index, freed);
+        assert_eq!(lock(&clock.0.slots).len(), 2);
+        drop((b, c));
+        assert!(lock(&clock.0.slots).is_empty());
     }
 }
