@@ -1,9 +1,9 @@
 //! One connection: the keep-alive loop and every timeout. The only code that holds the socket
 //! and the clock; it never looks at header bytes itself (the codec does).
 //!
-//! A connection alternates three phases, each a race between the work and one deadline on a
-//! single per-connection timer (rearmed per phase, registered with the reactor only when a
-//! phase actually has to wait):
+//! A connection alternates three phases, each a race between the work and the connection's
+//! one deadline (set per phase, an atomic store; the server's clock thread wakes the
+//! connection when it passes, see `clock.rs`):
 //!
 //! 1. **waiting** for the first byte of a request: idle timeout (for the first request, the
 //!    header-read timeout from accept), also raced against the drain signal;
@@ -191,7 +191,7 @@ struct Conn<'a, I: Io, H> {
     shared: Arc<Shared<I>>,
     /// The server's shared context.
     ctx: &'a Context<H>,
-    /// The one timer.
+    /// This connection's deadline, swept by the server's clock.
     deadline: Deadline,
     /// Encoded response bytes not yet written; pipelined responses gather here.
     out: Vec<u8>,
