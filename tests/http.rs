@@ -7,7 +7,7 @@ use std::net::Shutdown as SocketShutdown;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{app, config, exchange, get, is_closed, read_to_close, Client, Server};
+use common::{app, app_server, config, exchange, get, is_closed, read_to_close, Client, Server};
 
 #[test]
 fn get_is_answered_with_length_date_and_body() -> io::Result<()> {
@@ -300,10 +300,7 @@ fn smuggled_requests_are_never_served() -> io::Result<()> {
 
 #[test]
 fn whole_body_reads_over_the_limit_get_413() -> io::Result<()> {
-    let (handler, _) = app();
-    let mut cfg = config();
-    cfg.max_body_bytes = 1000;
-    let server = Server::start(handler, cfg);
+    let server = app_server(|cfg| cfg.max_body_bytes = 1000);
     let mut client = Client::new(server.addr);
     let body = vec![b'a'; 1000];
     let mut request = b"POST /len HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n".to_vec();
@@ -393,10 +390,7 @@ fn a_panicking_handler_gets_its_client_a_500_and_others_are_served() -> io::Resu
 
 #[test]
 fn max_connections_leaves_excess_connections_in_the_backlog() -> io::Result<()> {
-    let (handler, _) = app();
-    let mut cfg = config();
-    cfg.max_connections = Some(1);
-    let server = Server::start(handler, cfg);
+    let server = app_server(|cfg| cfg.max_connections = Some(1));
     let mut first = Client::new(server.addr);
     assert_eq!(first.request(&get("/")).text(), "hello");
     // The second connection completes its TCP handshake in the backlog, but is not accepted.

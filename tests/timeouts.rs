@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{app, config, connect, exchange, get, is_closed, read_to_close, Client, Server};
+use common::{app, app_server, config, connect, exchange, get, is_closed, read_to_close, Client, Server};
 
 /// A little under each configured timeout: the client starts its clock after `connect`
 /// returns, which can be a hair after the server accepted.
@@ -55,10 +55,7 @@ fn logged(needle: &str) -> bool {
 #[test]
 fn a_connection_that_never_sends_is_closed_silently_at_the_header_timeout() -> io::Result<()> {
     capture_logs();
-    let (handler, _) = app();
-    let mut cfg = config();
-    cfg.header_read_timeout = Some(ms(200));
-    let server = Server::start(handler, cfg);
+    let server = app_server(|cfg| cfg.header_read_timeout = Some(ms(200)));
     let mut stream = connect(server.addr);
     let start = Instant::now();
     let text = read_to_close(&mut stream);
@@ -73,10 +70,7 @@ fn a_connection_that_never_sends_is_closed_silently_at_the_header_timeout() -> i
 
 #[test]
 fn a_partial_head_gets_408_at_the_header_timeout() -> io::Result<()> {
-    let (handler, _) = app();
-    let mut cfg = config();
-    cfg.header_read_timeout = Some(ms(200));
-    let server = Server::start(handler, cfg);
+    let server = app_server(|cfg| cfg.header_read_timeout = Some(ms(200)));
     let mut stream = connect(server.addr);
     let start = Instant::now();
     stream.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n")?;
@@ -90,10 +84,7 @@ fn a_partial_head_gets_408_at_the_header_timeout() -> io::Result<()> {
 
 #[test]
 fn the_header_timeout_of_a_first_request_runs_from_accept() -> io::Result<()> {
-    let (handler, _) = app();
-    let mut cfg = config();
-    cfg.header_read_timeout = Some(ms(300));
-    let server = Server::start(handler, cfg);
+    let server = app_server(|cfg| cfg.header_read_timeout = Some(ms(300)));
     let mut stream = connect(server.addr);
     let start = Instant::now();
     // Silent for most of the budget, then a head that never ends.
@@ -175,11 +166,10 @@ fn slowloris_is_cut_while_a_normal_client_is_served_promptly() -> io::Result<()>
 
 #[test]
 fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout() -> io::Result<()> {
-    let (handler, _) = app();
-    let mut cfg = config();
-    cfg.idle_timeout = Some(ms(200));
-    cfg.debug_addr = Some("127.0.0.1:0".parse().unwrap());
-    let server = Server::start(handler, cfg);
+    let server = app_server(|cfg| {
+        cfg.idle_timeout = Some(ms(200));
+        cfg.debug_addr = Some("127.0.0.1:0".parse().unwrap());
+    });
     let mut client = Client::new(server.addr);
     assert_eq!(client.request(&get("/")).text(), "hello");
     let start = Instant::now();
@@ -196,11 +186,10 @@ fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout() -> io::Result<(
 
 #[test]
 fn a_connection_that_keeps_sending_requests_stays_open() -> io::Result<()> {
-    let (handler, _) = app();
-    let mut cfg = config();
-    cfg.idle_timeout = Some(ms(200));
-    cfg.header_read_timeout = Some(ms(200));
-    let server = Server::start(handler, cfg);
+    let server = app_server(|cfg| {
+        cfg.idle_timeout = Some(ms(200));
+        cfg.header_read_timeout = Some(ms(200));
+    });
     let mut client = Client::new(server.addr);
     let start = Instant::now();
     // Four times the idle timeout in all, never idle for longer than a quarter of it.
@@ -213,10 +202,7 @@ fn a_connection_that_keeps_sending_requests_stays_open() -> io::Result<()> {
 
 #[test]
 fn a_slow_upload_is_cut_at_the_write_timeout() -> io::Result<()> {
-    let (handler, _) = app();
-    let mut cfg = config();
-    cfg.write_timeout = Some(ms(300));
-    let server = Server::start(handler, cfg);
+    let server = app_server(|cfg| cfg.write_timeout = Some(ms(300)));
     let mut stream = connect(server.addr);
     let start = Instant::now();
     stream.write_all(b"POST /len HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n")?;
@@ -245,10 +231,7 @@ fn a_slow_upload_is_cut_at_the_write_timeout() -> io::Result<()> {
 
 #[test]
 fn a_slow_handler_gets_its_client_a_503() -> io::Result<()> {
-    let (handler, _) = app();
-    let mut cfg = config();
-    cfg.write_timeout = Some(ms(200));
-    let server = Server::start(handler, cfg);
+    let server = app_server(|cfg| cfg.write_timeout = Some(ms(200)));
     let start = Instant::now();
     let text = exchange(server.addr, &get("/sleep?ms=10000"));
     let elapsed = start.elapsed();
@@ -262,11 +245,10 @@ fn a_slow_handler_gets_its_client_a_503() -> io::Result<()> {
 
 #[test]
 fn a_client_that_never_reads_is_cut_at_the_write_timeout() -> io::Result<()> {
-    let (handler, _) = app();
-    let mut cfg = config();
-    cfg.write_timeout = Some(ms(300));
-    cfg.debug_addr = Some("127.0.0.1:0".parse().unwrap());
-    let server = Server::start(handler, cfg);
+    let server = app_server(|cfg| {
+        cfg.write_timeout = Some(ms(300));
+        cfg.debug_addr = Some("127.0.0.1:0".parse().unwrap());
+    });
     let debug = server.debug_addr.unwrap();
     let total = 200_000_000usize;
     let mut stream = connect(server.addr);

@@ -283,6 +283,14 @@ pub fn get(path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").into_bytes()
 }
 
+/// The test application on a server configured by `configure` (on top of [`config`]).
+pub fn app_server(configure: impl FnOnce(&mut Config)) -> Server {
+    let (handler, _) = app();
+    let mut cfg = config();
+    configure(&mut cfg);
+    Server::start(handler, cfg)
+}
+
 /// The test application: routes by path, and counts the requests its handler saw.
 pub fn app() -> (impl Handler, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use servicegroup::http::{header, HeaderValue, Response, StatusCode};
