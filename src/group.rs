@@ -240,7 +240,7 @@ impl Group {
             };
             let server = Server::new(listener, ctx, None);
             debug_connections = server.connections();
-            clocks.push(server.start_clock()?);
+            clocks.push(server.clock().start("debug").map_err(Error::Io)?);
             let ex = workers.executor().clone();
             let service_drained = service_drained.wait();
             all.push(Member {

@@ -7,12 +7,10 @@ use std::time::{Duration, Instant};
 use crate::error::Phase;
 use crate::h1::decode::DecodeError;
 
-/// Upper bounds of the request-duration histogram buckets, in seconds (Prometheus' defaults
-/// plus 1 ms, so fast services do not all land in the first bucket).
-pub(crate) const BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
-
-/// [`BUCKETS`] in microseconds, for the hot path.
-const BUCKET_MICROS: [u64; 12] =
+/// Upper bounds of the request-duration histogram buckets, in microseconds (Prometheus'
+/// defaults plus 1 ms, so fast services do not all land in the first bucket). Integers: the
+/// bucket is found on every request.
+pub(crate) const BUCKETS: [u64; 12] =
     [1_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000];
 
 /// Why a request was refused before reaching the handler.
@@ -121,7 +119,7 @@ impl Metrics {
             self.response(status);
         }
         let micros = elapsed.as_micros() as u64;
-        let bucket = BUCKET_MICROS.iter().position(|&le| micros <= le).unwrap_or(BUCKETS.len());
+        let bucket = BUCKETS.iter().position(|&le| micros <= le).unwrap_or(BUCKETS.len());
         self.duration_buckets[bucket].fetch_add(1, Relaxed);
         self.duration_micros.fetch_add(micros, Relaxed);
     }
@@ -219,7 +217,7 @@ impl Snapshot {
             .zip(self.duration_buckets)
             .map(|(le, n)| {
                 cumulative += n;
-                (format!("_bucket{{le=\"{le}\"}}"), cumulative.to_string())
+                (format!("_bucket{{le=\"{}\"}}", *le as f64 / 1e6), cumulative.to_string())
             })
             .collect();
         let count = cumulative + self.duration_buckets[BUCKETS.len()];

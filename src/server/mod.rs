@@ -73,13 +73,7 @@ impl<H: Handler> Server<H> {
         self.connections.clone()
     }
 
-    /// Starts the thread that enforces this server's connection deadlines; it stops when the
-    /// returned guard is dropped.
-    pub(crate) fn start_clock(&self) -> Result<clock::Sweeper> {
-        self.ctx.clock.start(self.listener.name).map_err(Error::Io)
-    }
-
-    /// The clock behind this server's deadlines.
+    /// The clock behind this server's deadlines; `start` it before `run`.
     pub(crate) fn clock(&self) -> clock::Clock {
         self.ctx.clock.clone()
     }
