@@ -66,7 +66,8 @@ pub struct Config {
     /// closed (`SERVICEGROUP_IDLE_TIMEOUT_MS`, 0 = off).
     pub idle_timeout: Option<Duration>,
     /// How long a graceful shutdown may drain before the remaining connections and members are
-    /// cut (`SERVICEGROUP_SHUTDOWN_TIMEOUT_MS`). Counted from the end of `drain_delay`.
+    /// cut (`SERVICEGROUP_SHUTDOWN_TIMEOUT_MS`). Counted from the end of `drain_delay`. Zero
+    /// cuts whatever is open at once; a drain that cuts nothing is never an error.
     pub shutdown_timeout: Duration,
     /// After shutdown starts, keep accepting and serving this long (every response carrying
     /// `Connection: close`) so load balancers can stop sending traffic first
@@ -120,7 +121,7 @@ impl Config {
     /// | `SERVICEGROUP_HEADER_READ_TIMEOUT_MS` | `header_read_timeout` | milliseconds, 0 = off |
     /// | `SERVICEGROUP_WRITE_TIMEOUT_MS` | `write_timeout` | milliseconds, 0 = off |
     /// | `SERVICEGROUP_IDLE_TIMEOUT_MS` | `idle_timeout` | milliseconds, 0 = off |
-    /// | `SERVICEGROUP_SHUTDOWN_TIMEOUT_MS` | `shutdown_timeout` | milliseconds |
+    /// | `SERVICEGROUP_SHUTDOWN_TIMEOUT_MS` | `shutdown_timeout` | milliseconds (0: cut what is open at once) |
     /// | `SERVICEGROUP_DRAIN_DELAY_MS` | `drain_delay` | milliseconds |
     /// | `SERVICEGROUP_THREADS` | `threads` | a whole number ≥ 1 |
     ///

@@ -13,6 +13,7 @@ use http::{Method, Request, Response, StatusCode};
 use crate::body::Body;
 use crate::handler::Handler;
 use crate::metrics::Metrics;
+use crate::server::conn::PeerGone;
 use crate::shutdown::{Counter, Shutdown};
 
 /// Longest CPU profile, in seconds; the debug server's write timeout is sized from it.
@@ -87,8 +88,12 @@ impl Handler for Debug {
             "/" | "/debug/pprof" | "/debug/pprof/" => typed(StatusCode::OK, "text/html; charset=utf-8", index(state)),
             "/debug/pprof/profile" | "/debug/pprof/flamegraph" => {
                 let svg = path.ends_with("flamegraph");
+                // The profile stops early when the drain starts (and sends what it has) or
+                // when its client goes away (and frees the profiler).
+                let gone = req.extensions().get::<PeerGone>().map(|gone| Box::pin(gone.0.wait()) as Signal);
+                let stop = Stop { drain: Box::pin(state.shutdown.started()), gone };
                 return match seconds(req.uri().query()) {
-                    Ok(seconds) => Box::pin(profile::take(seconds, svg)),
+                    Ok(seconds) => Box::pin(profile::take(seconds, svg, stop)),
                     Err(message) => Box::pin(async move { text(StatusCode::BAD_REQUEST, message) }),
                 };
             }
@@ -104,6 +109,26 @@ impl Handler for Debug {
             _ => text(StatusCode::NOT_FOUND, "not found; see / for the debug endpoints\n"),
         };
         Box::pin(async { response })
+    }
+}
+
+/// What ends a profile before its time.
+#[cfg_attr(not(feature = "pprof"), allow(dead_code))]
+pub(crate) struct Stop {
+    /// The group's shutdown started: finish now, with what was sampled.
+    drain: Signal,
+    /// The client went away, when the connection watches for that: give up.
+    gone: Option<Signal>,
+}
+
+/// A future that resolves when something has happened.
+type Signal = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+#[cfg(test)]
+impl Stop {
+    /// Nothing stops the profile early.
+    fn never() -> Stop {
+        Stop { drain: Box::pin(futures_lite::future::pending()), gone: None }
     }
 }
 
@@ -166,7 +191,9 @@ mod profile {
     use http::{Response, StatusCode};
     use pprof::protos::Message;
 
-    use super::{text, typed};
+    use futures_lite::FutureExt;
+
+    use super::{text, typed, Stop};
     use crate::body::Body;
 
     /// Sampling rate: 99 Hz, off the beat of 100 Hz timers (pprof-rs' advice).
@@ -184,8 +211,9 @@ mod profile {
         }
     }
 
-    /// Profiles the whole process for `seconds`; a pprof protobuf, or an SVG flamegraph.
-    pub(super) async fn take(seconds: u64, svg: bool) -> Response<Body> {
+    /// Profiles the whole process for `seconds`, or until `stop`; a pprof protobuf, or an SVG
+    /// flamegraph.
+    pub(in crate::debug) async fn take(seconds: u64, svg: bool, stop: Stop) -> Response<Body> {
         if PROFILING.swap(true, Ordering::SeqCst) {
             return text(StatusCode::CONFLICT, "a CPU profile is already being taken; retry when it finishes\n");
         }
@@ -198,7 +226,27 @@ mod profile {
             Ok(guard) => guard,
             Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("could not start the profiler: {e}\n")),
         };
-        async_io::Timer::after(Duration::from_secs(seconds)).await;
+        let started = std::time::Instant::now();
+        let full = async {
+            async_io::Timer::after(Duration::from_secs(seconds)).await;
+            true
+        };
+        let drain = async {
+            stop.drain.await;
+            true
+        };
+        let gone = async {
+            match stop.gone {
+                Some(gone) => gone.await,
+                None => futures_lite::future::pending().await,
+            }
+            false
+        };
+        if !full.or(drain).or(gone).await {
+            log::info!("CPU profile abandoned by its client after {:?}", started.elapsed());
+            return text(StatusCode::SERVICE_UNAVAILABLE, "the client went away\n");
+        }
+        let seconds = started.elapsed().as_secs_f64();
         let report = match guard.report().build() {
             Ok(report) => report,
             Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("could not build the profile: {e}\n")),
@@ -209,8 +257,8 @@ mod profile {
                 // inferno draws nothing at all for no samples; a browser should see why.
                 let empty = format!(
                     "<?xml version=\"1.0\" standalone=\"no\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" \
-                     width=\"640\" height=\"40\"><text x=\"10\" y=\"25\">No CPU samples in {seconds} s: the \
-                     process was idle.</text></svg>\n"
+                     width=\"640\" height=\"40\"><text x=\"10\" y=\"25\">No CPU samples in {seconds:.1} s: \
+                     the process was idle.</text></svg>\n"
                 );
                 return typed(StatusCode::OK, "image/svg+xml", empty);
             }
@@ -259,12 +307,12 @@ mod profile {
         #[test]
         fn a_second_profile_is_refused_while_one_runs() {
             use futures_lite::future::{block_on, poll_once};
-            let mut first = Box::pin(take(1, false));
+            let mut first = Box::pin(take(1, false, Stop::never()));
             assert!(block_on(poll_once(&mut first)).is_none(), "the first profile is running");
-            assert_eq!(block_on(take(1, true)).status(), StatusCode::CONFLICT);
+            assert_eq!(block_on(take(1, true, Stop::never())).status(), StatusCode::CONFLICT);
             drop(first);
             // Cancelling the first gives the turn back.
-            let mut third = Box::pin(take(1, false));
+            let mut third = Box::pin(take(1, false, Stop::never()));
             assert!(block_on(poll_once(&mut third)).is_none());
         }
 
@@ -294,7 +342,7 @@ mod profile {
     use crate::body::Body;
 
     /// Explains that profiles need the `pprof` feature.
-    pub(super) async fn take(_seconds: u64, _svg: bool) -> Response<Body> {
+    pub(in crate::debug) async fn take(_seconds: u64, _svg: bool, _stop: super::Stop) -> Response<Body> {
         super::text(
             StatusCode::NOT_IMPLEMENTED,
             "CPU profiles need the `pprof` feature of servicegroup (on by default); \

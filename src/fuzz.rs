@@ -100,6 +100,7 @@ pub fn connection(script: Script, max_polls: usize) -> Exchange {
             idle_timeout: None,
             max_body_bytes: u64::MAX,
             linger: None,
+            watch_peer: true,
         },
         close_responses: Latch::default(),
         close_idle: Latch::default(),

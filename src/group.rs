@@ -100,6 +100,7 @@ impl Group {
                 idle_timeout: config.idle_timeout,
                 max_body_bytes: config.max_body_bytes,
                 linger: Some(crate::server::conn::LINGER),
+                watch_peer: false,
             },
             close_responses: shutdown.latch().clone(),
             close_idle: service_drain.clone(),
@@ -232,6 +233,7 @@ impl Group {
                     idle_timeout: Some(debug::DEBUG_TIMEOUT),
                     max_body_bytes: crate::DEFAULT_MAX_BODY_BYTES,
                     linger: Some(crate::server::conn::LINGER),
+                    watch_peer: true,
                 },
                 close_responses: drain.clone(),
                 close_idle: drain.clone(),
@@ -273,10 +275,13 @@ impl Group {
         let cut = service_connections.count() + debug_connections.count();
         workers.stop().await;
 
-        if outcome.unfinished.is_empty() {
+        // The servers may be "unfinished" only because the deadline came first (a zero
+        // timeout): what counts as cut is open connections and the user's members.
+        let members: Vec<String> =
+            outcome.unfinished.into_iter().filter(|name| name != SERVICE && name != DEBUG).collect();
+        if cut == 0 && members.is_empty() {
             return outcome.result;
         }
-        let members = outcome.unfinished.into_iter().filter(|name| name != SERVICE && name != DEBUG).collect();
         let timed_out = Error::ShutdownTimedOut { connections: cut, members, timeout: config.shutdown_timeout };
         match outcome.result {
             Ok(()) => Err(timed_out),

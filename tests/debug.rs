@@ -132,6 +132,51 @@ fn a_flamegraph_of_an_idle_process_is_still_an_svg() -> io::Result<()> {
     Ok(())
 }
 
+/// Asks for a 60 s profile on a new connection; returns once it holds the profiler.
+#[cfg(feature = "pprof")]
+fn start_long_profile(debug: SocketAddr) -> std::net::TcpStream {
+    let mut stream = connect(debug);
+    stream.write_all(&get("/debug/pprof/profile?seconds=60")).unwrap();
+    eventually("the long profile holds the profiler", || {
+        fetch(debug, "/debug/pprof/cmdline").status == 200
+            && fetch(debug, "/debug/pprof/flamegraph?seconds=1").status == 409
+    });
+    stream
+}
+
+#[cfg(feature = "pprof")]
+#[test]
+fn a_profile_whose_client_goes_away_frees_the_profiler_within_a_second() -> io::Result<()> {
+    let _turn = PROFILER.lock().unwrap_or_else(|e| e.into_inner());
+    let server = debug_server();
+    let debug = server.debug_addr.unwrap();
+    let abandoned = start_long_profile(debug);
+    drop(abandoned);
+    let start = Instant::now();
+    eventually("the profiler is free again", || fetch(debug, "/debug/pprof/flamegraph?seconds=1").status == 200);
+    // The last probe itself took 1 s.
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    Ok(())
+}
+
+#[cfg(feature = "pprof")]
+#[test]
+fn a_profile_in_progress_at_the_drain_returns_what_it_has() -> io::Result<()> {
+    let _turn = PROFILER.lock().unwrap_or_else(|e| e.into_inner());
+    let server = debug_server();
+    let debug = server.debug_addr.unwrap();
+    let mut profiling = start_long_profile(debug);
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    server.shutdown.start();
+    let text = read_to_close(&mut profiling);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{}", &text[..text.len().min(300)]);
+    assert!(text.contains("content-type: application/octet-stream\r\n"), "{}", &text[..text.len().min(300)]);
+    server.join().map_err(io::Error::other)?;
+    assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+    Ok(())
+}
+
 #[cfg(feature = "pprof")]
 #[test]
 fn of_two_concurrent_profiles_one_is_refused() -> io::Result<()> {

@@ -196,6 +196,13 @@ impl Deadline {
         }
     }
 
+    /// Moves the current deadline to `until` if that is sooner (or there was none).
+    pub(crate) fn at_most(&mut self, until: Instant) {
+        if self.when.is_none_or(|when| until < when) {
+            self.set(Some(until));
+        }
+    }
+
     /// Ready once the sweeper has found the current deadline passed.
     pub(crate) fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if self.slot.deadline.load(SeqCst) == EXPIRED {

@@ -60,6 +60,11 @@ const STREAM_CHUNK: usize = 16 * 1024;
 /// bytes (Go's net/http waits 500 ms for the same reason).
 pub(crate) const LINGER: Duration = Duration::from_millis(500);
 
+/// How much longer a request head still being read may take once the drain starts (at most
+/// the header-read timeout's remainder): enough for a head already on its way, short enough
+/// that one stalled client cannot hold a restart to its deadline. It then gets 408.
+pub(crate) const DRAIN_HEAD_GRACE: Duration = Duration::from_secs(1);
+
 /// Bytes a lingering connection reads and discards at most.
 const LINGER_BYTES: usize = 256 * 1024;
 
@@ -117,7 +122,17 @@ pub(crate) struct Settings {
     /// How long a closing connection lingers ([`LINGER`]; `None` only in fuzzing, which
     /// must not start real timers).
     pub(crate) linger: Option<Duration>,
+    /// Whether a handler that waits can learn that its client went away ([`PeerGone`] in
+    /// the request's extensions): the debug server's, whose profiles run for seconds.
+    pub(crate) watch_peer: bool,
 }
+
+/// In a request's extensions when the server watches for the client going away: set once the
+/// client has closed its side while the handler runs (its request body fully read), so a
+/// long handler can stop early. Like Go's request context, a hint: the response is still
+/// written if the handler returns one.
+#[derive(Clone, Default)]
+pub(crate) struct PeerGone(pub(crate) Latch);
 
 /// Everything a server's connections share.
 pub(crate) struct Context<H> {
@@ -221,7 +236,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
         loop {
             // 1. Wait for the next request's first byte, unless it is already buffered. (The
             //    clock was read when the last exchange ended.)
-            if self.shared.lock().buf.is_empty() {
+            if !self.shared.lock().has_next_request() {
                 let phase = if first { Phase::HeaderRead } else { Phase::Idle };
                 if !first {
                     self.deadline.set(after(self.now, self.ctx.settings.idle_timeout));
@@ -287,7 +302,14 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
         e
     }
 
-    /// Waits until the socket is readable, the deadline passes (`None`), or the drain starts.
+    /// Waits until a byte of the next request is buffered (or the client closed), the
+    /// deadline passes (`None`), or the drain starts.
+    ///
+    /// Readiness is only a hint: async-io reports a socket readable if an event arrived since
+    /// the last wait, even when a read already took those bytes (a request body that arrived
+    /// after its handler started waiting leaves such a stale event). So a wake-up reads, and
+    /// one that finds nothing, or only empty lines (RFC 9112 §2.2), keeps waiting under the
+    /// same deadline and the same drain signal: the connection is still between requests.
     async fn wait_for_request(&mut self) -> Option<io::Result<Wait>> {
         debug_assert!(self.out.is_empty(), "waiting with unsent responses");
         // An idle connection holds no buffers.
@@ -298,10 +320,33 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
         }
         // One poll function for the three-way race: the smallest state an idle task can hold.
         let Conn { shared, deadline, drain, .. } = self;
+        // After a read found nothing, that read's registration is what wakes the task: read
+        // again rather than ask for readiness (one call per wake-up, not two).
+        let mut read_next = false;
         deadline
             .race_fn(|cx| {
-                if let Poll::Ready(ready) = shared.io.poll_readable(cx) {
-                    return Poll::Ready(ready.map(|()| Wait::Readable));
+                loop {
+                    if !std::mem::take(&mut read_next) {
+                        match shared.io.poll_readable(cx) {
+                            Poll::Ready(Ok(())) => {}
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                            Poll::Pending => break,
+                        }
+                    }
+                    let mut st = shared.lock();
+                    match shared.poll_fill_locked(&mut st, cx) {
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Ready(Ok(0)) => return Poll::Ready(Ok(Wait::Readable)),
+                        Poll::Ready(Ok(_)) if st.has_next_request() => return Poll::Ready(Ok(Wait::Readable)),
+                        // Only empty lines: look again (the next readiness check registers).
+                        Poll::Ready(Ok(_)) => st.buf.release(),
+                        // A stale readiness: the read registered this task for the next one.
+                        Poll::Pending => {
+                            st.buf.release();
+                            read_next = true;
+                            break;
+                        }
+                    }
                 }
                 drain.poll(cx).map(|()| Ok(Wait::Drain))
             })
@@ -313,6 +358,8 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
     async fn read_head(&mut self) -> Result<bool, HeadError> {
         let limits = self.ctx.settings.limits;
         let mut scanner = HeadScanner::default();
+        // Whether the drain has started while this head was being read.
+        let mut draining = false;
         loop {
             {
                 let mut st = self.shared.lock();
@@ -337,7 +384,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                 }
             }
             // Never wait for input while holding responses the client may be waiting for.
-            let Conn { shared, out, deadline, .. } = self;
+            let Conn { shared, out, deadline, drain, .. } = self;
             let timed_out = || HeadError::TimedOut { partial: !shared.lock().buf.is_empty() };
             if !out.is_empty() {
                 match Box::pin(deadline.race(flush(&shared.io, out))).await {
@@ -346,9 +393,19 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                     None => return Err(timed_out()),
                 }
             }
-            match deadline.race_fn(|cx| shared.poll_fill(cx)).await {
-                Some(Ok(_)) => self.now = Instant::now(),
-                Some(Err(e)) => return Err(HeadError::Io(e)),
+            // Until the drain starts, wait for bytes; from then on the head has a short grace.
+            let read = deadline.race_fn(|cx| match shared.poll_fill(cx) {
+                Poll::Ready(filled) => Poll::Ready(Some(filled)),
+                Poll::Pending if draining => Poll::Pending,
+                Poll::Pending => drain.poll(cx).map(|()| None),
+            });
+            match read.await {
+                Some(Some(Ok(_))) => self.now = Instant::now(),
+                Some(Some(Err(e))) => return Err(HeadError::Io(e)),
+                Some(None) => {
+                    draining = true;
+                    deadline.at_most(Instant::now() + DRAIN_HEAD_GRACE);
+                }
                 None => return Err(timed_out()),
             }
         }
@@ -489,6 +546,10 @@ async fn respond<I: Io, H: Handler>(
     *req.uri_mut() = uri;
     *req.version_mut() = version;
     *req.headers_mut() = headers;
+    let gone = ctx.settings.watch_peer.then(PeerGone::default);
+    if let Some(gone) = &gone {
+        req.extensions_mut().insert(gone.clone());
+    }
 
     // 1. The handler. The body's 100 Continue is written by the body itself, so nothing else
     //    may be waiting in `out` then; otherwise pipelined responses leave as soon as the
@@ -501,7 +562,10 @@ async fn respond<I: Io, H: Handler>(
         Some(response) => response,
         None => {
             flush(&shared.io, out).await?;
-            handler.await
+            match &gone {
+                Some(gone) => handler.or(watch_peer(shared, gone)).await,
+                None => handler.await,
+            }
         }
     };
 
@@ -554,7 +618,7 @@ async fn respond<I: Io, H: Handler>(
             drop(st);
             return Ok(refuse(ctx, out, progress, Error::BadRequest(why), now));
         }
-        let pipelined = st.body.is_done() && !st.buf.is_empty();
+        let pipelined = st.body.is_done() && st.has_next_request();
         if ctx.close_responses.is_set() && !pipelined {
             // Shutting down: this is the last response, unless more requests are already here.
             close = true;
@@ -620,8 +684,9 @@ async fn respond<I: Io, H: Handler>(
 
     // 7. Flush, unless the next pipelined request is already here and little is waiting.
     let (body_done, buffered) = {
-        let st = shared.lock();
-        (st.body.is_done(), !st.buf.is_empty())
+        let mut st = shared.lock();
+        let done = st.body.is_done();
+        (done, done && st.has_next_request())
     };
     if close || !(body_done && buffered) || out.len() >= FLUSH_AT {
         flush(&shared.io, out).await?;
@@ -632,6 +697,31 @@ async fn respond<I: Io, H: Handler>(
         true if body_done && !buffered => Next::Close,
         true => Next::Linger,
     })
+}
+
+/// Sets `gone` if the client closes its side while the handler runs; never resolves. Reads
+/// only once the request body is done (the body belongs to the handler until then), and stops
+/// at the first byte of a pipelined request: a client still sending is still there.
+async fn watch_peer<I: Io, T>(shared: &Shared<I>, gone: &PeerGone) -> T {
+    let mut watching = true;
+    poll_fn(|cx| {
+        if watching {
+            let mut st = shared.lock();
+            if st.body.is_done() {
+                match shared.poll_fill_locked(&mut st, cx) {
+                    // The end of the stream, or a reset.
+                    Poll::Ready(Ok(0) | Err(_)) => {
+                        gone.0.set();
+                        watching = false;
+                    }
+                    Poll::Ready(Ok(_)) => watching = false,
+                    Poll::Pending => {}
+                }
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// The handler's `Content-Length`, if it set a valid one.
@@ -838,6 +928,16 @@ struct ReadState {
     error: Option<&'static str>,
     /// The client closed its sending side.
     eof: bool,
+}
+
+impl ReadState {
+    /// Whether bytes of another request are buffered, past any empty lines before it (RFC
+    /// 9112 §2.2), which this consumes. Only between requests: never inside a body.
+    fn has_next_request(&mut self) -> bool {
+        let skip = decode::leading_empty_lines(self.buf.filled());
+        self.buf.consume(skip);
+        !self.buf.is_empty()
+    }
 }
 
 impl<I: Io> Shared<I> {
