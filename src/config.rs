@@ -83,7 +83,11 @@ pub struct Config {
     /// Most connections open at once; when reached, new connections wait in the listen
     /// backlog until one closes. `None`: no limit.
     pub max_connections: Option<usize>,
-    /// Threads that run connections (`SERVICEGROUP_THREADS`). Default: one per core.
+    /// Threads that run connections (`SERVICEGROUP_THREADS`). Default: one per core. With 0
+    /// the group starts no thread at all: connections, the debug server, deadlines and the
+    /// drain all run inside the future [`Group::run`](crate::Group::run) returns, on whatever
+    /// polls it (see the crate docs' table of runtimes). Ignored by
+    /// [`Group::run_on`](crate::Group::run_on), which uses the caller's executor.
     pub threads: usize,
     /// Whether [`Group::run`](crate::Group::run) handles SIGINT and SIGTERM (graceful
     /// shutdown; a second signal exits at once). Turn off when the application handles
@@ -123,7 +127,7 @@ impl Config {
     /// | `SERVICEGROUP_IDLE_TIMEOUT_MS` | `idle_timeout` | milliseconds, 0 = off |
     /// | `SERVICEGROUP_SHUTDOWN_TIMEOUT_MS` | `shutdown_timeout` | milliseconds (0: cut what is open at once) |
     /// | `SERVICEGROUP_DRAIN_DELAY_MS` | `drain_delay` | milliseconds |
-    /// | `SERVICEGROUP_THREADS` | `threads` | a whole number ≥ 1 |
+    /// | `SERVICEGROUP_THREADS` | `threads` | a whole number; 0 = no threads of its own |
     ///
     /// A value that does not parse is an [`Error::Config`] naming the variable and the value.
     pub fn from_env() -> Result<Config> {
@@ -171,12 +175,12 @@ impl Config {
         }
         if let Some(value) = get("SERVICEGROUP_THREADS") {
             config.threads = match value.trim().parse::<usize>() {
-                Ok(n) if n >= 1 => n,
+                Ok(n) => n,
                 _ => {
                     return Err(Error::Config {
                         name: "SERVICEGROUP_THREADS",
                         value,
-                        expected: "a whole number of threads, at least 1",
+                        expected: "a whole number of threads (0: none, everything runs inside `run`'s future)",
                     })
                 }
             };
@@ -187,9 +191,6 @@ impl Config {
     /// Checks values no type can rule out, naming the field to fix.
     pub(crate) fn validate(&self) -> Result<()> {
         let bad = |name, value: String, expected| Err(Error::Config { name, value, expected });
-        if self.threads == 0 {
-            return bad("Config::threads", "0".into(), "at least 1");
-        }
         if self.max_header_bytes == 0 {
             return bad("Config::max_header_bytes", "0".into(), "at least 1 byte");
         }
@@ -261,6 +262,7 @@ mod tests {
         assert_eq!(c.shutdown_timeout, Duration::from_millis(5));
         assert_eq!(c.drain_delay, Duration::from_millis(7));
         assert_eq!(c.threads, 3);
+        assert_eq!(from(&[("SERVICEGROUP_THREADS", "0")]).unwrap().threads, 0, "0: no threads of its own");
         let c = from(&[("SERVICEGROUP_DEBUG_ADDR", "[::1]:9000"), ("SERVICEGROUP_ADDR", "localhost:81")]).unwrap();
         assert_eq!(c.debug_addr.unwrap().to_string(), "[::1]:9000");
         assert_eq!(c.addr.to_string(), "127.0.0.1:81");
@@ -276,7 +278,7 @@ mod tests {
             ("SERVICEGROUP_IDLE_TIMEOUT_MS", "ten"),
             ("SERVICEGROUP_SHUTDOWN_TIMEOUT_MS", "1.5"),
             ("SERVICEGROUP_DRAIN_DELAY_MS", "x"),
-            ("SERVICEGROUP_THREADS", "0"),
+            ("SERVICEGROUP_THREADS", "two"),
         ];
         for (name, value) in table {
             let text = from(&[(name, value)]).unwrap_err().to_string();
@@ -288,7 +290,5 @@ mod tests {
     fn validation_names_the_field() {
         let c = Config { max_headers: 1000, ..Config::default() };
         assert!(c.validate().unwrap_err().to_string().contains("Config::max_headers"));
-        let c = Config { threads: 0, ..Config::default() };
-        assert!(c.validate().unwrap_err().to_string().contains("Config::threads"));
     }
 }

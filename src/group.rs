@@ -17,15 +17,25 @@ use crate::error::{BoxError, Error, Result};
 use crate::h1::decode::Limits;
 use crate::handler::Handler;
 use crate::metrics::Metrics;
+use crate::runtime::{CancelOnDrop, Pool, Runtime, Tasks};
 use crate::server::clock::Clock;
 use crate::server::conn::{Context, Settings};
-use crate::server::{Listener, Server, Workers};
+use crate::server::{Listener, Server};
 use crate::shutdown::{Counter, Latch, Shutdown};
 use crate::signal::Signals;
 use crate::supervisor::{supervise, Member};
 
-/// The service server, waiting for an executor to run on.
-type Service = Box<dyn FnOnce(Arc<Executor<'static>>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+/// The service server, bound, waiting for what `run` provides: where its tasks run, where
+/// they are kept, its counters and the group's clock.
+type Service = Box<
+    dyn for<'a> FnOnce(
+            &'a Runtime<'a>,
+            &'a Arc<Tasks>,
+            Arc<Metrics>,
+            Clock,
+        ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>
+        + Send,
+>;
 
 /// Name of the service server member, in logs and errors.
 const SERVICE: &str = "service server";
@@ -61,22 +71,18 @@ pub struct Group {
     shutdown: Shutdown,
     /// The service server.
     service: Service,
-    /// The clock behind its deadlines.
-    service_clock: Clock,
     /// The service's bound address.
     addr: SocketAddr,
     /// Set when the service's drain starts.
     service_drain: Latch,
     /// The service's open connections.
     service_connections: Counter,
-    /// The service's counters, shown by the debug server.
-    metrics: Arc<Metrics>,
     /// The debug server's listener, if enabled.
     debug: Option<Listener>,
     /// User debug routes.
     routes: Vec<(String, Route)>,
     /// User members.
-    members: Vec<Member>,
+    members: Vec<Member<'static>>,
 }
 
 impl Group {
@@ -90,36 +96,29 @@ impl Group {
         let addr = listener.addr();
         let shutdown = Shutdown::default();
         let service_drain = Latch::default();
-        let metrics = Arc::new(Metrics::default());
-        let ctx = Context {
-            handler,
-            settings: Settings {
-                limits: Limits { max_head_bytes: config.max_header_bytes, max_headers: config.max_headers },
-                header_read_timeout: config.header_read_timeout,
-                write_timeout: config.write_timeout,
-                idle_timeout: config.idle_timeout,
-                max_body_bytes: config.max_body_bytes,
-                linger: Some(crate::server::conn::LINGER),
-                watch_peer: false,
-            },
-            close_responses: shutdown.latch().clone(),
-            close_idle: service_drain.clone(),
-            metrics: metrics.clone(),
-            clock: Default::default(),
+        let service_connections = Counter::default();
+        let settings = Settings {
+            limits: Limits { max_head_bytes: config.max_header_bytes, max_headers: config.max_headers },
+            header_read_timeout: config.header_read_timeout,
+            write_timeout: config.write_timeout,
+            idle_timeout: config.idle_timeout,
+            max_body_bytes: config.max_body_bytes,
+            linger: Some(crate::server::conn::LINGER),
+            watch_peer: false,
         };
-        let server = Server::new(listener, ctx, config.max_connections);
-        let service_connections = server.connections();
-        let service_clock = server.clock();
-        let service: Service = Box::new(move |ex| Box::pin(server.run(ex)));
+        let (close_responses, close_idle) = (shutdown.latch().clone(), service_drain.clone());
+        let (connections, max_connections) = (service_connections.clone(), config.max_connections);
+        let service: Service = Box::new(move |runtime, tasks, metrics, clock| {
+            let ctx = Context { handler, settings, close_responses, close_idle, metrics, clock };
+            Box::pin(Server::new(listener, ctx, connections, max_connections).run(runtime, tasks))
+        });
         Ok(Group {
             config,
             shutdown,
             service,
-            service_clock,
             addr,
             service_drain,
             service_connections,
-            metrics,
             debug,
             routes: Vec::new(),
             members: Vec::new(),
@@ -172,33 +171,80 @@ impl Group {
     /// in flight finish; the debug server drains last. `run` returns as soon as everything is
     /// done, or at `Config::shutdown_timeout` (after the drain delay), cutting what is left.
     ///
+    /// Connections run on `Config::threads` threads of the group's own, or with `threads =
+    /// 0` inside this future, on whatever polls it (see the crate docs' table of runtimes;
+    /// [`Group::run_on`] uses your executor instead).
+    ///
     /// Returns `Ok(())` after a clean shutdown started by a signal, [`Shutdown::start`] or a
     /// member returning `Ok`; the member's error if one failed (or panicked); otherwise
     /// [`Error::ShutdownTimedOut`] if the deadline cut connections or members.
     pub async fn run(self) -> Result<()> {
-        let Group {
-            config,
-            shutdown,
-            service,
-            service_clock,
-            addr: _,
-            service_drain,
-            service_connections,
-            metrics,
-            debug,
-            routes,
-            members,
-        } = self;
-        let workers = Workers::start(config.threads)?;
-        // The clock threads stop when these guards drop, as run returns.
-        let mut clocks = vec![service_clock.start("service").map_err(Error::Io)?];
+        match self.config.threads {
+            0 => {
+                let ex = Executor::new();
+                ex.run(self.serve(&Runtime::Executor(&ex))).await
+            }
+            threads => {
+                let pool = Pool::start(threads)?;
+                let result = self.serve(&Runtime::Pool(&pool)).await;
+                pool.stop().await;
+                result
+            }
+        }
+    }
+
+    /// [`Group::run`], with every connection task spawned on `ex`, so that an application
+    /// already running an executor on its threads shares them with the server. The
+    /// accept loops, the supervisor, deadlines and the drain run inside this future; spawn it
+    /// on `ex` too, or await it anywhere. `Config::threads` is not used.
+    ///
+    /// ```
+    /// # fn main() -> servicegroup::Result<()> {
+    /// use std::sync::Arc;
+    /// use servicegroup::{Body, Config, Group, http::Response};
+    ///
+    /// let mut config = Config::default();
+    /// config.addr = "127.0.0.1:0".parse().unwrap();
+    /// config.debug_addr = None;
+    /// config.handle_signals = false;
+    /// let group = Group::new(|_req| async { Response::new(Body::from("hello")) }, config)?;
+    /// let shutdown = group.shutdown();
+    ///
+    /// let ex = Arc::new(smol::Executor::new());
+    /// let server = ex.spawn({
+    ///     let ex = ex.clone();
+    ///     async move { group.run_on(&ex).await }
+    /// });
+    /// shutdown.start(); // for the example: stop at once
+    /// smol::block_on(ex.run(server))
+    /// # }
+    /// ```
+    pub async fn run_on(self, ex: &Executor<'static>) -> Result<()> {
+        self.serve(&Runtime::Executor(ex)).await
+    }
+
+    /// Runs everything through `runtime` until the group stops and drains.
+    async fn serve(self, runtime: &Runtime<'_>) -> Result<()> {
+        let Group { config, shutdown, service, addr: _, service_drain, service_connections, debug, routes, members } =
+            self;
+        let places = runtime.places();
+        let metrics = Arc::new(Metrics::new(places));
+        // One clock for both servers. Its sweeper is a thread when the group has threads of
+        // its own (the guard stops it as this returns), else a future raced below.
+        let clock = Clock::default();
+        let _sweeper = if runtime.has_threads() { Some(clock.start("group").map_err(Error::Io)?) } else { None };
+        let debug_connections = Counter::default();
+        let service_tasks = Tasks::new(places, service_connections.clone());
+        let debug_tasks = Tasks::new(places, debug_connections.clone());
+        // If this future is dropped before the servers finish, their connections go with it.
+        let _cancel = (CancelOnDrop(&service_tasks), CancelOnDrop(&debug_tasks));
         let service_drained = Latch::default();
         let mut all = Vec::with_capacity(members.len() + 2);
 
         // The service drains after the delay; the debug server after the service.
-        let ex = workers.executor().clone();
         let drain_delay = config.drain_delay;
         let (started, drained) = (shutdown.started(), service_drained.clone());
+        let serving = service(runtime, &service_tasks, metrics.clone(), clock.clone());
         all.push(Member {
             name: SERVICE.into(),
             future: Box::pin(async move {
@@ -211,12 +257,11 @@ impl Group {
                     service_drain.set();
                     pending::<()>().await;
                 };
-                service(ex).or(trigger).await;
+                serving.or(trigger).await;
                 drained.set();
                 Ok(())
             }),
         });
-        let mut debug_connections = Counter::default();
         if let Some(listener) = debug {
             let drain = Latch::default();
             let state =
@@ -237,13 +282,10 @@ impl Group {
                 },
                 close_responses: drain.clone(),
                 close_idle: drain.clone(),
-                metrics: Arc::new(Metrics::default()),
-                clock: Default::default(),
+                metrics: Arc::new(Metrics::new(places)),
+                clock: clock.clone(),
             };
-            let server = Server::new(listener, ctx, None);
-            debug_connections = server.connections();
-            clocks.push(server.clock().start("debug").map_err(Error::Io)?);
-            let ex = workers.executor().clone();
+            let serving = Server::new(listener, ctx, debug_connections, None).run(runtime, &debug_tasks);
             let service_drained = service_drained.wait();
             all.push(Member {
                 name: DEBUG.into(),
@@ -253,7 +295,7 @@ impl Group {
                         drain.set();
                         pending::<()>().await;
                     };
-                    server.run(ex).or(trigger).await;
+                    serving.or(trigger).await;
                     Ok(())
                 }),
             });
@@ -270,10 +312,16 @@ impl Group {
                 pending().await
             }
         };
+        let sweep = async {
+            if !runtime.has_threads() {
+                clock.sweep().await;
+            }
+            pending().await
+        };
         let grace = config.drain_delay + config.shutdown_timeout;
-        let outcome = supervise(all, shutdown.latch(), grace).or(handle_signals).await;
-        let cut = service_connections.count() + debug_connections.count();
-        workers.stop().await;
+        let outcome = supervise(all, shutdown.latch(), grace).or(handle_signals).or(sweep).await;
+        // What the deadline left running is cut here, and closed before `run` returns.
+        let cut = service_tasks.cut().await + debug_tasks.cut().await;
 
         // The servers may be "unfinished" only because the deadline came first (a zero
         // timeout): what counts as cut is open connections and the user's members.

@@ -99,6 +99,7 @@ mod group;
 mod h1;
 mod handler;
 mod metrics;
+mod runtime;
 mod server;
 mod shutdown;
 mod signal;

@@ -62,11 +62,22 @@ impl From<&DecodeError> for Reject {
     }
 }
 
-/// One server's counters. All relaxed atomics: each is read on its own.
+/// One server's counters, in one shard per place its connections run (per thread of the
+/// group's own): a connection bumps only its own shard, so threads never contend for a
+/// counter; a scrape sums them.
 #[derive(Debug)]
 pub(crate) struct Metrics {
     /// When the server started, for uptime.
     started: Instant,
+    /// The shards.
+    shards: Box<[Shard]>,
+}
+
+/// One place's counters. All relaxed atomics: each is read on its own. Aligned to two cache
+/// lines so that shards of different threads never share one.
+#[derive(Debug)]
+#[repr(align(128))]
+pub(crate) struct Shard {
     /// Connections accepted.
     connections_accepted: AtomicU64,
     /// Requests whose handler has started and whose exchange has not ended.
@@ -86,9 +97,49 @@ pub(crate) struct Metrics {
 }
 
 impl Default for Metrics {
+    /// One shard.
     fn default() -> Self {
-        Metrics {
-            started: Instant::now(),
+        Metrics::new(1)
+    }
+}
+
+impl Metrics {
+    /// Counters with `shards` shards (at least one).
+    pub(crate) fn new(shards: usize) -> Metrics {
+        Metrics { started: Instant::now(), shards: (0..shards.max(1)).map(|_| Shard::default()).collect() }
+    }
+
+    /// The shard for place `i` (any `i`: it wraps).
+    pub(crate) fn shard(&self, i: usize) -> &Shard {
+        &self.shards[i % self.shards.len()]
+    }
+
+    /// A consistent-enough copy for rendering: the shards summed.
+    pub(crate) fn snapshot(&self, open_connections: usize, shutting_down: bool) -> Snapshot {
+        let load = |a: &AtomicU64| a.load(Relaxed);
+        let sum = |field: fn(&Shard) -> &AtomicU64| self.shards.iter().map(|s| load(field(s))).sum::<u64>();
+        let sums =
+            |field: fn(&Shard, usize) -> &AtomicU64, i: usize| self.shards.iter().map(|s| load(field(s, i))).sum();
+        Snapshot {
+            uptime: self.started.elapsed(),
+            connections_accepted: sum(|s| &s.connections_accepted),
+            connections_open: open_connections as u64,
+            in_flight: sum(|s| &s.in_flight),
+            responses: std::array::from_fn(|i| sums(|s, i| &s.responses[i], i)),
+            duration_buckets: std::array::from_fn(|i| sums(|s, i| &s.duration_buckets[i], i)),
+            duration_micros: sum(|s| &s.duration_micros),
+            timeouts: std::array::from_fn(|i| sums(|s, i| &s.timeouts[i], i)),
+            rejected: std::array::from_fn(|i| sums(|s, i| &s.rejected[i], i)),
+            panics: sum(|s| &s.panics),
+            requests_by_place: self.shards.iter().map(|s| s.duration_buckets.iter().map(load).sum()).collect(),
+            shutting_down,
+        }
+    }
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard {
             connections_accepted: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             responses: Default::default(),
@@ -101,7 +152,7 @@ impl Default for Metrics {
     }
 }
 
-impl Metrics {
+impl Shard {
     /// A connection was accepted.
     pub(crate) fn accepted(&self) {
         self.connections_accepted.fetch_add(1, Relaxed);
@@ -147,24 +198,6 @@ impl Metrics {
     pub(crate) fn panicked(&self) {
         self.panics.fetch_add(1, Relaxed);
     }
-
-    /// A consistent-enough copy for rendering.
-    pub(crate) fn snapshot(&self, open_connections: usize, shutting_down: bool) -> Snapshot {
-        let load = |a: &AtomicU64| a.load(Relaxed);
-        Snapshot {
-            uptime: self.started.elapsed(),
-            connections_accepted: load(&self.connections_accepted),
-            connections_open: open_connections as u64,
-            in_flight: load(&self.in_flight),
-            responses: self.responses.each_ref().map(load),
-            duration_buckets: self.duration_buckets.each_ref().map(load),
-            duration_micros: load(&self.duration_micros),
-            timeouts: self.timeouts.each_ref().map(load),
-            rejected: self.rejected.each_ref().map(load),
-            panics: load(&self.panics),
-            shutting_down,
-        }
-    }
 }
 
 /// The counters at one moment.
@@ -190,6 +223,8 @@ pub(crate) struct Snapshot {
     rejected: [u64; 5],
     /// See [`Metrics`].
     panics: u64,
+    /// Requests finished per place (thread of the group's own), in place order.
+    requests_by_place: Vec<u64>,
     /// Whether shutdown has started.
     shutting_down: bool,
 }
@@ -243,6 +278,19 @@ impl Snapshot {
             .collect();
         metric("rejected_requests_total", "counter", "Requests refused before the handler, by reason.", &reasons);
         metric("handler_panics_total", "counter", "Handlers that panicked.", &one(self.panics));
+        let places: Vec<_> = self
+            .requests_by_place
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (format!("{{thread=\"{i}\"}}"), n.to_string()))
+            .collect();
+        metric(
+            "thread_requests_total",
+            "counter",
+            "Requests finished, by the thread that served them (one series when the group runs on the caller's executor \
+             or inside its own future).",
+            &places,
+        );
         metric("shutting_down", "gauge", "1 once graceful shutdown has started.", &one(u64::from(self.shutting_down)));
         metric(
             "uptime_seconds",
@@ -284,6 +332,8 @@ impl Snapshot {
         object(&mut out, "responses", &mut (0..5).map(|i| (format!("{}xx", i + 1), self.responses[i])));
         object(&mut out, "timeouts", &mut Phase::ALL.iter().zip(self.timeouts).map(|(p, n)| (p.as_str().into(), n)));
         object(&mut out, "rejected", &mut Reject::ALL.iter().zip(self.rejected).map(|(r, n)| (r.as_str().into(), n)));
+        let threads: Vec<String> = self.requests_by_place.iter().map(u64::to_string).collect();
+        let _ = write!(out, ",\"thread_requests\":[{}]", threads.join(","));
         let count: u64 = self.duration_buckets.iter().sum();
         let _ = write!(
             out,
@@ -300,7 +350,8 @@ mod tests {
 
     #[test]
     fn counts_show_in_both_formats() {
-        let m = Metrics::default();
+        let metrics = Metrics::new(2);
+        let m = metrics.shard(0);
         m.accepted();
         m.request_started();
         m.request_finished(Some(200), Duration::from_micros(300));
@@ -309,19 +360,23 @@ mod tests {
         m.timed_out(Phase::Write);
         m.rejected(Reject::HeadTooLarge);
         m.response(431);
-        let s = m.snapshot(1, true);
+        metrics.shard(1).request_started();
+        metrics.shard(1).request_finished(Some(200), Duration::from_micros(10));
+        let s = metrics.snapshot(1, true);
         let text = s.prometheus();
         for line in [
             "servicegroup_connections_accepted_total 1",
             "servicegroup_connections_open 1",
             "servicegroup_requests_in_flight 0",
-            "servicegroup_responses_total{class=\"2xx\"} 1",
+            "servicegroup_responses_total{class=\"2xx\"} 2",
             "servicegroup_responses_total{class=\"4xx\"} 1",
             "servicegroup_responses_total{class=\"5xx\"} 1",
-            "servicegroup_request_duration_seconds_bucket{le=\"0.001\"} 1",
-            "servicegroup_request_duration_seconds_bucket{le=\"10\"} 1",
-            "servicegroup_request_duration_seconds_bucket{le=\"+Inf\"} 2",
-            "servicegroup_request_duration_seconds_count 2",
+            "servicegroup_request_duration_seconds_bucket{le=\"0.001\"} 2",
+            "servicegroup_request_duration_seconds_bucket{le=\"10\"} 2",
+            "servicegroup_request_duration_seconds_bucket{le=\"+Inf\"} 3",
+            "servicegroup_request_duration_seconds_count 3",
+            "servicegroup_thread_requests_total{thread=\"0\"} 2",
+            "servicegroup_thread_requests_total{thread=\"1\"} 1",
             "servicegroup_timeouts_total{phase=\"write\"} 1",
             "servicegroup_rejected_requests_total{reason=\"head_too_large\"} 1",
             "servicegroup_shutting_down 1",
@@ -330,7 +385,7 @@ mod tests {
         }
         let json = s.json();
         assert!(json.starts_with('{') && json.ends_with('}'), "{json}");
-        for part in ["\"timeouts\":{\"header_read\":0,\"write\":1,\"idle\":0}", "\"2xx\":1", "\"count\":2"] {
+        for part in ["\"timeouts\":{\"header_read\":0,\"write\":1,\"idle\":0}", "\"2xx\":2", "\"count\":3"] {
             assert!(json.contains(part), "missing {part} in {json}");
         }
     }

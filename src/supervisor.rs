@@ -17,15 +17,15 @@ use futures_lite::FutureExt;
 use crate::error::{BoxError, Error};
 use crate::shutdown::Latch;
 
-/// A member's future.
-pub(crate) type MemberFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+/// A member's future; it may borrow what the group's run lends it for `'a`.
+pub(crate) type MemberFuture<'a> = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'a>>;
 
 /// A named long-running task.
-pub(crate) struct Member {
+pub(crate) struct Member<'a> {
     /// For errors and logs.
     pub(crate) name: String,
     /// The task.
-    pub(crate) future: MemberFuture,
+    pub(crate) future: MemberFuture<'a>,
 }
 
 /// How a supervised run ended.
@@ -39,7 +39,7 @@ pub(crate) struct Outcome {
 
 /// Runs `members` until one finishes or `stop` is set; then sets `stop` and waits up to
 /// `grace` for the rest.
-pub(crate) async fn supervise(members: Vec<Member>, stop: &Latch, grace: Duration) -> Outcome {
+pub(crate) async fn supervise(members: Vec<Member<'_>>, stop: &Latch, grace: Duration) -> Outcome {
     let mut slots: Vec<Option<Member>> = members.into_iter().map(Some).collect();
     let mut first: Option<Result<(), Error>> = None;
 
@@ -83,7 +83,7 @@ pub(crate) async fn supervise(members: Vec<Member>, stop: &Latch, grace: Duratio
 }
 
 /// Polls every running member once; records the first to end in `first` and logs the rest.
-fn poll_members(slots: &mut [Option<Member>], cx: &mut Context<'_>, first: &mut Option<Result<(), Error>>) {
+fn poll_members(slots: &mut [Option<Member<'_>>], cx: &mut Context<'_>, first: &mut Option<Result<(), Error>>) {
     for slot in slots.iter_mut() {
         let Some(member) = slot else { continue };
         let polled = catch_unwind(AssertUnwindSafe(|| member.future.as_mut().poll(cx)));
@@ -118,12 +118,12 @@ mod tests {
     use futures_lite::future::block_on;
     use std::io;
 
-    fn member(name: &str, future: impl Future<Output = Result<(), BoxError>> + Send + 'static) -> Member {
+    fn member(name: &str, future: impl Future<Output = Result<(), BoxError>> + Send + 'static) -> Member<'static> {
         Member { name: name.into(), future: Box::pin(future) }
     }
 
     /// A member that runs until the group stops, then returns `Ok`.
-    fn until_stopped(name: &str, stop: &Latch) -> Member {
+    fn until_stopped(name: &str, stop: &Latch) -> Member<'static> {
         let stop = stop.wait();
         member(name, async move {
             stop.await;

@@ -2,6 +2,7 @@
 //! connections in any state between requests close at once, a half-read head gets a short
 //! grace, and a drain with nothing cut is a clean end.
 
+#[macro_use]
 mod common;
 
 use std::io::{self, Write};
@@ -32,123 +33,129 @@ fn assert_prompt_clean_stop(server: Server) -> io::Result<()> {
     Ok(())
 }
 
-#[test]
-fn a_keep_alive_connection_whose_body_arrived_late_closes_at_the_drain() -> io::Result<()> {
-    // The body arrives after the handler started waiting for it, as it does behind a proxy
-    // that forwards head and body in separate segments: the socket's readiness seen then
-    // must not be mistaken for the next request later.
-    for _ in 0..5 {
-        let (server, calls) = server();
-        let mut client = Client::new(server.addr);
-        client.send(b"POST /len HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n");
-        eventually("the handler waits for the body", || calls.load(Ordering::SeqCst) == 1);
-        std::thread::sleep(Duration::from_millis(20));
-        let response = client.request(b"hi");
-        assert_eq!((response.status, response.text().as_str()), (200, "2"));
-        assert_prompt_clean_stop(server)?;
-        assert!(client.is_closed());
+in_every_runtime! {
+    fn a_keep_alive_connection_whose_body_arrived_late_closes_at_the_drain() -> io::Result<()> {
+        // The body arrives after the handler started waiting for it, as it does behind a proxy
+        // that forwards head and body in separate segments: the socket's readiness seen then
+        // must not be mistaken for the next request later.
+        for _ in 0..5 {
+            let (server, calls) = server();
+            let mut client = Client::new(server.addr);
+            client.send(b"POST /len HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n");
+            eventually("the handler waits for the body", || calls.load(Ordering::SeqCst) == 1);
+            std::thread::sleep(Duration::from_millis(20));
+            let response = client.request(b"hi");
+            assert_eq!((response.status, response.text().as_str()), (200, "2"));
+            assert_prompt_clean_stop(server)?;
+            assert!(client.is_closed());
+        }
+        Ok(())
     }
-    Ok(())
 }
 
-#[test]
-fn stray_empty_lines_after_a_request_leave_the_connection_idle() -> io::Result<()> {
-    // RFC 9112 §2.2: empty lines before a request line are ignored; a connection holding
-    // only those is between requests.
-    for stray in ["\r\n", "\n", "\r\n\r\n"] {
+in_every_runtime! {
+    fn stray_empty_lines_after_a_request_leave_the_connection_idle() -> io::Result<()> {
+        // RFC 9112 §2.2: empty lines before a request line are ignored; a connection holding
+        // only those is between requests.
+        for stray in ["\r\n", "\n", "\r\n\r\n"] {
+            let (server, _) = server();
+            let mut client = Client::new(server.addr);
+            let request = format!("POST /len HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi{stray}");
+            let response = client.request(request.as_bytes());
+            assert_eq!(response.status, 200, "{stray:?}");
+            assert_eq!(response.header("connection"), None, "not closing yet: {stray:?}");
+            assert_prompt_clean_stop(server)?;
+            assert!(client.is_closed(), "{stray:?}");
+        }
+        // And they are still skipped before a real request.
         let (server, _) = server();
         let mut client = Client::new(server.addr);
-        let request = format!("POST /len HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi{stray}");
-        let response = client.request(request.as_bytes());
-        assert_eq!(response.status, 200, "{stray:?}");
-        assert_eq!(response.header("connection"), None, "not closing yet: {stray:?}");
-        assert_prompt_clean_stop(server)?;
-        assert!(client.is_closed(), "{stray:?}");
+        assert_eq!(client.request(b"\r\n\nGET / HTTP/1.1\r\nHost: t\r\n\r\n").text(), "hello");
+        client.send(b"\r\n");
+        assert_eq!(client.request(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").text(), "hello");
+        Ok(())
     }
-    // And they are still skipped before a real request.
-    let (server, _) = server();
-    let mut client = Client::new(server.addr);
-    assert_eq!(client.request(b"\r\n\nGET / HTTP/1.1\r\nHost: t\r\n\r\n").text(), "hello");
-    client.send(b"\r\n");
-    assert_eq!(client.request(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").text(), "hello");
-    Ok(())
 }
 
-#[test]
-fn a_request_pipelined_behind_stray_empty_lines_is_served_before_the_drain_closes() -> io::Result<()> {
-    let (server, _) = server();
-    let mut client = Client::new(server.addr);
-    let response = client.request(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n\r\n");
-    assert_eq!(response.text(), "hello");
-    server.shutdown.start();
-    // Sent after the drain started: the connection is closed, or (if the bytes won the race)
-    // the request is answered with close. Either way the drain ends promptly.
-    let _ = client.stream.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
-    let rest = read_to_close(&mut client.stream);
-    assert!(rest.is_empty() || rest.contains("connection: close\r\n"), "{rest}");
-    assert_prompt_clean_stop(server)
+in_every_runtime! {
+    fn a_request_pipelined_behind_stray_empty_lines_is_served_before_the_drain_closes() -> io::Result<()> {
+        let (server, _) = server();
+        let mut client = Client::new(server.addr);
+        let response = client.request(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n\r\n");
+        assert_eq!(response.text(), "hello");
+        server.shutdown.start();
+        // Sent after the drain started: the connection is closed, or (if the bytes won the race)
+        // the request is answered with close. Either way the drain ends promptly.
+        let _ = client.stream.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+        let rest = read_to_close(&mut client.stream);
+        assert!(rest.is_empty() || rest.contains("connection: close\r\n"), "{rest}");
+        assert_prompt_clean_stop(server)
+    }
 }
 
-#[test]
-fn a_half_read_head_gets_one_second_at_the_drain_then_408() -> io::Result<()> {
-    let (server, calls) = server();
-    let mut stalled = connect(server.addr);
-    stalled.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n")?;
-    // The partial head must have been read before the drain starts.
-    let mut probe = Client::new(server.addr);
-    assert_eq!(probe.request(&common::get("/")).text(), "hello");
-    std::thread::sleep(Duration::from_millis(50));
-    let start = Instant::now();
-    server.shutdown.start();
-    let text = read_to_close(&mut stalled);
-    let waited = start.elapsed();
-    assert!(text.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{text}");
-    assert!(waited >= GRACE_AT_LEAST && waited < PROMPT, "{waited:?}");
-    assert_eq!(calls.load(Ordering::SeqCst), 1, "only the probe reached the handler");
-    server.join().map_err(io::Error::other)?;
-    assert!(start.elapsed() < PROMPT);
-    Ok(())
+in_every_runtime! {
+    fn a_half_read_head_gets_one_second_at_the_drain_then_408() -> io::Result<()> {
+        let (server, calls) = server();
+        let mut stalled = connect(server.addr);
+        stalled.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n")?;
+        // The partial head must have been read before the drain starts.
+        let mut probe = Client::new(server.addr);
+        assert_eq!(probe.request(&common::get("/")).text(), "hello");
+        std::thread::sleep(Duration::from_millis(50));
+        let start = Instant::now();
+        server.shutdown.start();
+        let text = read_to_close(&mut stalled);
+        let waited = start.elapsed();
+        assert!(text.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{text}");
+        assert!(waited >= GRACE_AT_LEAST && waited < PROMPT, "{waited:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "only the probe reached the handler");
+        server.join().map_err(io::Error::other)?;
+        assert!(start.elapsed() < PROMPT);
+        Ok(())
+    }
 }
 
-#[test]
-fn a_head_completed_within_the_grace_is_served_with_close() -> io::Result<()> {
-    let (server, _) = server();
-    let mut client = Client::new(server.addr);
-    client.send(b"GET / HTTP/1.1\r\n");
-    std::thread::sleep(Duration::from_millis(50));
-    server.shutdown.start();
-    std::thread::sleep(Duration::from_millis(100));
-    let response = client.request(b"Host: t\r\n\r\n");
-    assert_eq!((response.status, response.header("connection")), (200, Some("close")));
-    assert!(client.is_closed());
-    assert_prompt_clean_stop(server)
+in_every_runtime! {
+    fn a_head_completed_within_the_grace_is_served_with_close() -> io::Result<()> {
+        let (server, _) = server();
+        let mut client = Client::new(server.addr);
+        client.send(b"GET / HTTP/1.1\r\n");
+        std::thread::sleep(Duration::from_millis(50));
+        server.shutdown.start();
+        std::thread::sleep(Duration::from_millis(100));
+        let response = client.request(b"Host: t\r\n\r\n");
+        assert_eq!((response.status, response.header("connection")), (200, Some("close")));
+        assert!(client.is_closed());
+        assert_prompt_clean_stop(server)
+    }
 }
 
-#[test]
-fn a_zero_shutdown_timeout_cuts_at_once_and_is_clean_when_nothing_is_open() -> io::Result<()> {
-    // Nothing open: a clean stop, however short the deadline (the debug server too).
-    for _ in 0..5 {
-        let (handler, _) = app();
+in_every_runtime! {
+    fn a_zero_shutdown_timeout_cuts_at_once_and_is_clean_when_nothing_is_open() -> io::Result<()> {
+        // Nothing open: a clean stop, however short the deadline (the debug server too).
+        for _ in 0..5 {
+            let (handler, _) = app();
+            let mut cfg = config();
+            cfg.shutdown_timeout = Duration::ZERO;
+            cfg.debug_addr = Some("127.0.0.1:0".parse().unwrap());
+            let server = Server::start(handler, cfg);
+            server.stop().map_err(io::Error::other)?;
+        }
+        // A request in flight: cut at once, and reported.
+        let (handler, calls) = app();
         let mut cfg = config();
         cfg.shutdown_timeout = Duration::ZERO;
-        cfg.debug_addr = Some("127.0.0.1:0".parse().unwrap());
         let server = Server::start(handler, cfg);
-        server.stop().map_err(io::Error::other)?;
+        let mut busy = connect(server.addr);
+        busy.write_all(&common::get("/sleep?ms=20000"))?;
+        eventually("the request reached its handler", || calls.load(Ordering::SeqCst) == 1);
+        let start = Instant::now();
+        match server.stop() {
+            Err(Error::ShutdownTimedOut { connections: 1, .. }) => {}
+            other => panic!("expected one cut connection, got {other:?}"),
+        }
+        assert!(start.elapsed() < PROMPT, "{:?}", start.elapsed());
+        assert_eq!(read_to_close(&mut busy), "");
+        Ok(())
     }
-    // A request in flight: cut at once, and reported.
-    let (handler, calls) = app();
-    let mut cfg = config();
-    cfg.shutdown_timeout = Duration::ZERO;
-    let server = Server::start(handler, cfg);
-    let mut busy = connect(server.addr);
-    busy.write_all(&common::get("/sleep?ms=20000"))?;
-    eventually("the request reached its handler", || calls.load(Ordering::SeqCst) == 1);
-    let start = Instant::now();
-    match server.stop() {
-        Err(Error::ShutdownTimedOut { connections: 1, .. }) => {}
-        other => panic!("expected one cut connection, got {other:?}"),
-    }
-    assert!(start.elapsed() < PROMPT, "{:?}", start.elapsed());
-    assert_eq!(read_to_close(&mut busy), "");
-    Ok(())
 }

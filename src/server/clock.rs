@@ -1,14 +1,16 @@
-//! The timer behind every connection deadline: one sweeper thread per server instead of one
-//! reactor timer per connection.
+//! The timer behind every connection deadline: one sweeper per group instead of one reactor
+//! timer per connection.
 //!
 //! async-io keeps its timers in a map it locks, splits and re-allocates on every reactor wake
 //! (about 700 instructions a wake with even one timer registered), and registering a timer
 //! wakes the reactor; a timer per connection cost 5% of a keep-alive request. Here a deadline
 //! is a number of milliseconds in the connection's [`Deadline`] slot: starting a phase is an
-//! atomic store. A sweeper thread per server (no async-io timer at all) sleeps until the
-//! earliest deadline, at least [`GRANULARITY`] apart, marks the expired slots and wakes their
-//! connections. A deadline earlier than the sweeper's plan pokes it. Deadlines fire on time
-//! or up to [`GRANULARITY`] late, never early.
+//! atomic store. The sweeper sleeps until the earliest deadline, at least [`GRANULARITY`]
+//! apart, marks the expired slots and wakes their connections; a deadline earlier than the
+//! sweeper's plan pokes it. Deadlines fire on time or up to [`GRANULARITY`] late, never
+//! early. When the group has threads of its own the sweeper is one more (parked between
+//! sweeps: no async-io timer at all); otherwise it is a future ([`Clock::sweep`]) that
+//! sleeps on one async-io timer, driven by whatever drives the group.
 
 use std::future::Future;
 use std::io;
@@ -19,7 +21,10 @@ use std::task::{Context, Poll, Waker};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
+use async_io::Timer;
+use event_listener::Event;
 use futures_lite::future::poll_fn;
+use futures_lite::FutureExt;
 use slab::Slab;
 
 /// The least time between two sweeps: deadlines fire up to this late. It bounds the sweeper's
@@ -48,6 +53,8 @@ struct Inner {
     poked: AtomicBool,
     /// The sweeper thread, to unpark.
     sweeper: OnceLock<Thread>,
+    /// Wakes the sweeper future.
+    woken: Event,
     /// Tells the sweeper to exit.
     stopped: AtomicBool,
 }
@@ -60,6 +67,7 @@ impl Default for Inner {
             next_sweep: AtomicU64::new(NONE),
             poked: AtomicBool::new(false),
             sweeper: OnceLock::new(),
+            woken: Event::new(),
             stopped: AtomicBool::new(false),
         }
     }
@@ -114,50 +122,80 @@ impl Clock {
         if let Some(thread) = self.0.sweeper.get() {
             thread.unpark();
         }
+        self.0.woken.notify(1);
     }
 
     /// Starts the sweeper thread; it runs until the returned guard is dropped.
     pub(crate) fn start(&self, name: &str) -> io::Result<Sweeper> {
         let clock = self.clone();
-        let thread =
-            std::thread::Builder::new().name(format!("servicegroup-{name}-clock")).spawn(move || clock.sweep())?;
+        let thread = std::thread::Builder::new()
+            .name(format!("servicegroup-{name}-clock"))
+            .spawn(move || clock.sweep_thread())?;
         let _ = self.0.sweeper.set(thread.thread().clone());
         Ok(Sweeper(self.clone()))
     }
 
-    /// The sweeper loop.
-    fn sweep(self) {
-        while !self.0.stopped.load(SeqCst) {
-            // Look: while looking, every new deadline pokes (next_sweep is NONE).
-            self.0.next_sweep.store(NONE, SeqCst);
-            self.0.poked.store(false, SeqCst);
-            let now = self.now();
-            let mut earliest = NONE;
-            let mut due = Vec::new();
-            for (_, slot) in lock(&self.0.slots).iter() {
-                let deadline = slot.deadline.load(SeqCst);
-                if deadline == NONE || deadline == EXPIRED {
-                    continue;
-                }
-                // A connection that just moved its deadline keeps it (the exchange fails).
-                if deadline <= now && slot.deadline.compare_exchange(deadline, EXPIRED, SeqCst, SeqCst).is_ok() {
-                    due.extend(lock(&slot.waker).take());
-                } else {
-                    earliest = earliest.min(deadline);
-                }
+    /// One look: expires the passed deadlines, wakes their connections, and plans the next
+    /// look (returned, and stored in `next_sweep`).
+    fn look(&self) -> u64 {
+        // While looking, every new deadline pokes (next_sweep is NONE).
+        self.0.next_sweep.store(NONE, SeqCst);
+        self.0.poked.store(false, SeqCst);
+        let now = self.now();
+        let mut earliest = NONE;
+        let mut due = Vec::new();
+        for (_, slot) in lock(&self.0.slots).iter() {
+            let deadline = slot.deadline.load(SeqCst);
+            if deadline == NONE || deadline == EXPIRED {
+                continue;
             }
-            due.into_iter().for_each(Waker::wake);
+            // A connection that just moved its deadline keeps it (the exchange fails).
+            if deadline <= now && slot.deadline.compare_exchange(deadline, EXPIRED, SeqCst, SeqCst).is_ok() {
+                due.extend(lock(&slot.waker).take());
+            } else {
+                earliest = earliest.min(deadline);
+            }
+        }
+        due.into_iter().for_each(Waker::wake);
+        let next = if earliest == NONE { NONE } else { earliest.max(now + GRANULARITY.as_millis() as u64) };
+        self.0.next_sweep.store(next, SeqCst);
+        next
+    }
 
-            // Plan the next look, then sleep until it or a poke (spurious wake-ups just look
-            // again).
-            let next = if earliest == NONE { NONE } else { earliest.max(now + GRANULARITY.as_millis() as u64) };
-            self.0.next_sweep.store(next, SeqCst);
+    /// The sweeper thread: looks, then parks until the next look or a poke (spurious
+    /// wake-ups just look again).
+    fn sweep_thread(self) {
+        while !self.0.stopped.load(SeqCst) {
+            let next = self.look();
             if self.0.poked.load(SeqCst) || self.0.stopped.load(SeqCst) {
                 continue;
             }
             match next {
                 NONE => std::thread::park(),
                 next => std::thread::park_timeout(self.instant(next).saturating_duration_since(Instant::now())),
+            }
+        }
+    }
+
+    /// The sweeper as a future, for a group without threads of its own: looks, then sleeps
+    /// on one timer until the next look or a poke. Never returns; drop it to stop.
+    pub(crate) async fn sweep(&self) {
+        let mut timer = Timer::never();
+        loop {
+            // Listen before looking, so that a poke during the look is not lost.
+            let poked = self.0.woken.listen();
+            let next = self.look();
+            if self.0.poked.load(SeqCst) {
+                continue;
+            }
+            if next == NONE {
+                poked.await;
+            } else {
+                timer.set_at(self.instant(next));
+                let expired = async {
+                    (&mut timer).await;
+                };
+                expired.or(poked).await;
             }
         }
     }

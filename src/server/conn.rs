@@ -34,7 +34,7 @@ use crate::error::{decode_status, Error, Phase};
 use crate::h1::decode::{self, BodyDecoder, BodyLength, DecodeError, Head, HeadScanner, Limits};
 use crate::h1::encode::{self, Connection, ResponseHead, CONTINUE, CRLF, DATE_LEN, LAST_CHUNK};
 use crate::handler::Handler;
-use crate::metrics::{Metrics, Reject};
+use crate::metrics::{Metrics, Reject, Shard};
 use crate::shutdown::{Latch, Slot};
 
 /// Unread request body drained after a response so the connection can serve another request.
@@ -150,8 +150,9 @@ pub(crate) struct Context<H> {
     pub(crate) clock: Clock,
 }
 
-/// Serves one connection until it closes; returns why it closed, if not cleanly.
-pub(crate) async fn serve<I: Io, H: Handler>(io: I, ctx: &Context<H>) -> Result<(), Error> {
+/// Serves one connection, running in place `place` of the runtime (its metrics shard), until
+/// it closes; returns why it closed, if not cleanly.
+pub(crate) async fn serve<I: Io, H: Handler>(io: I, ctx: &Context<H>, place: usize) -> Result<(), Error> {
     let mut conn = Conn {
         shared: Arc::new(Shared {
             io,
@@ -166,6 +167,7 @@ pub(crate) async fn serve<I: Io, H: Handler>(io: I, ctx: &Context<H>) -> Result<
             }),
         }),
         ctx,
+        metrics: ctx.metrics.shard(place),
         deadline: ctx.clock.deadline(),
         out: Vec::new(),
         drain: ctx.close_idle.slot(),
@@ -206,6 +208,8 @@ struct Conn<'a, I: Io, H> {
     shared: Arc<Shared<I>>,
     /// The server's shared context.
     ctx: &'a Context<H>,
+    /// This connection's metrics shard.
+    metrics: &'a Shard,
     /// This connection's deadline, swept by the server's clock.
     deadline: Deadline,
     /// Encoded response bytes not yet written; pipelined responses gather here.
@@ -268,7 +272,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                 Err(HeadError::TimedOut { partial }) => {
                     let e = self.timed_out(Phase::HeaderRead);
                     if partial {
-                        self.ctx.metrics.response(408);
+                        self.metrics.response(408);
                         let message = "the request head took longer than the server's header read timeout";
                         encode::encode_error(
                             &mut self.out,
@@ -296,7 +300,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
 
     /// Counts and logs an expired timeout; returns the error that closes the connection.
     fn timed_out(&self, phase: Phase) -> Error {
-        self.ctx.metrics.timed_out(phase);
+        self.metrics.timed_out(phase);
         let e = Error::TimedOut(phase);
         log::debug!("{}: {e}", self.peer());
         e
@@ -415,8 +419,8 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
     fn reject(&mut self, e: DecodeError) {
         let status = decode_status(&e);
         log::debug!("{}: refused a request with {status}: {}", self.peer(), e.reason());
-        self.ctx.metrics.rejected(Reject::from(&e));
-        self.ctx.metrics.response(status.as_u16());
+        self.metrics.rejected(Reject::from(&e));
+        self.metrics.response(status.as_u16());
         encode::encode_error(&mut self.out, status, e.reason(), &date(self.now));
     }
 
@@ -424,14 +428,15 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
     async fn exchange(&mut self) -> Result<Next, Error> {
         let started = self.now;
         let ctx = self.ctx;
-        let metrics = &ctx.metrics;
+        let metrics = self.metrics;
         metrics.request_started();
         self.deadline.set(after(started, ctx.settings.write_timeout));
         let mut progress = Progress::default();
         let Conn { shared, deadline, out, head, .. } = self;
         // Boxed: the task of an idle connection stays small, and the wrappers below move a
         // pointer instead of the whole future.
-        let work = AssertUnwindSafe(Box::pin(respond(shared, out, ctx, head, started, &mut progress))).catch_unwind();
+        let work =
+            AssertUnwindSafe(Box::pin(respond(shared, out, ctx, metrics, head, started, &mut progress))).catch_unwind();
         let outcome = deadline.race(work).await;
         self.now = Instant::now();
         let result = match outcome {
@@ -516,6 +521,7 @@ async fn respond<I: Io, H: Handler>(
     shared: &Arc<Shared<I>>,
     out: &mut Vec<u8>,
     ctx: &Context<H>,
+    metrics: &Shard,
     head: &mut Option<Box<Head>>,
     now: Instant,
     progress: &mut Progress,
@@ -606,7 +612,7 @@ async fn respond<I: Io, H: Handler>(
         let want = stream_want(content_length, chunk.len());
         match poll_once(poll_fn(|cx| body.poll_read_body(cx, &mut chunk[..want]))).await {
             Some(Ok(n)) => first = Some(n),
-            Some(Err(e)) => return Ok(refuse(ctx, out, progress, e, now)),
+            Some(Err(e)) => return Ok(refuse(metrics, out, progress, e, now)),
             None => {}
         }
     }
@@ -616,7 +622,7 @@ async fn respond<I: Io, H: Handler>(
         //    whatever the handler said (it saw the error reading the body).
         if let Some(why) = st.error {
             drop(st);
-            return Ok(refuse(ctx, out, progress, Error::BadRequest(why), now));
+            return Ok(refuse(metrics, out, progress, Error::BadRequest(why), now));
         }
         let pipelined = st.body.is_done() && st.has_next_request();
         if ctx.close_responses.is_set() && !pipelined {
@@ -803,9 +809,9 @@ fn stream_want(left: Option<u64>, chunk: usize) -> usize {
 
 /// Answers with an error instead of the handler's response: 400 for a broken request body,
 /// 500 for any other failure before the response started. The connection then closes.
-fn refuse<H>(ctx: &Context<H>, out: &mut Vec<u8>, progress: &mut Progress, e: Error, now: Instant) -> Next {
+fn refuse(metrics: &Shard, out: &mut Vec<u8>, progress: &mut Progress, e: Error, now: Instant) -> Next {
     let status = if matches!(e, Error::BadRequest(_)) {
-        ctx.metrics.rejected(Reject::BadRequest);
+        metrics.rejected(Reject::BadRequest);
         StatusCode::BAD_REQUEST
     } else {
         log::error!("response body failed before it was sent: {e}; answering 500");

@@ -1,21 +1,21 @@
-//! Listening and accepting: one task and one drain guard per connection, run on a pool of
-//! executor threads.
+//! Listening and accepting: one task and one drain guard per connection, spawned through the
+//! group's runtime.
 
 pub(crate) mod clock;
 pub(crate) mod conn;
 
 use std::net::{SocketAddr, TcpListener};
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_executor::Executor;
 use async_io::{Async, Timer};
 use futures_lite::FutureExt;
 
 use crate::error::{Error, Result};
 use crate::handler::Handler;
-use crate::shutdown::{Counter, Latch};
+use crate::runtime::{Runtime, Tasks};
+use crate::shutdown::Counter;
 use conn::Context;
 
 /// First pause after a failed accept (EMFILE, ENFILE, ENOBUFS, ECONNABORTED, ...).
@@ -50,7 +50,8 @@ impl Listener {
     }
 }
 
-/// A listener, the context its connections share, and the count of open connections.
+/// A listener, the context its connections share, and the count of open connections (kept by
+/// the runtime's [`Tasks`], one task per connection).
 pub(crate) struct Server<H> {
     /// Where connections come from.
     listener: Listener,
@@ -63,30 +64,24 @@ pub(crate) struct Server<H> {
 }
 
 impl<H: Handler> Server<H> {
-    /// A server that will accept on `listener`.
-    pub(crate) fn new(listener: Listener, ctx: Context<H>, max_connections: Option<usize>) -> Server<H> {
-        Server { listener, ctx: Arc::new(ctx), connections: Counter::default(), max_connections }
+    /// A server that will accept on `listener`, counting its open connections in
+    /// `connections`.
+    pub(crate) fn new(
+        listener: Listener,
+        ctx: Context<H>,
+        connections: Counter,
+        max_connections: Option<usize>,
+    ) -> Server<H> {
+        Server { listener, ctx: Arc::new(ctx), connections, max_connections }
     }
 
-    /// The open-connection counter.
-    pub(crate) fn connections(&self) -> Counter {
-        self.connections.clone()
-    }
-
-    /// The clock behind this server's deadlines; `start` it before `run`.
-    pub(crate) fn clock(&self) -> clock::Clock {
-        self.ctx.clock.clone()
-    }
-
-    /// Accepts connections onto `ex` until the context's `close_idle` latch is set, closes the
-    /// listener (new connections are refused from then on), and resolves once every
-    /// connection has closed.
-    pub(crate) async fn run(self, ex: Arc<Executor<'static>>) {
+    /// Accepts connections, each a task spawned through `runtime` and kept in `tasks`, until
+    /// the context's `close_idle` latch is set; closes the listener (new connections are
+    /// refused from then on), and resolves once every connection has closed.
+    pub(crate) async fn run(self, runtime: &Runtime<'_>, tasks: &Arc<Tasks>) {
         let Server { listener, ctx, connections, max_connections } = self;
         let name = listener.name;
-        let spawner = Arc::downgrade(&ex);
-        let accepting = ex.spawn(accept_loop(listener, ctx.clone(), connections.clone(), max_connections, spawner));
-        accepting.await;
+        accept_loop(listener, &ctx, &connections, max_connections, runtime, tasks).await;
         let open = connections.count();
         if open > 0 {
             log::info!("{name} server: listener closed; draining {open} connection(s)");
@@ -99,11 +94,11 @@ impl<H: Handler> Server<H> {
 /// Accepts until the drain starts. Accept errors never end the loop: it backs off and retries.
 async fn accept_loop<H: Handler>(
     listener: Listener,
-    ctx: Arc<Context<H>>,
-    connections: Counter,
+    ctx: &Arc<Context<H>>,
+    connections: &Counter,
     max_connections: Option<usize>,
-    // Weak: a task holding its own executor would keep it, and every task, alive forever.
-    ex: Weak<Executor<'static>>,
+    runtime: &Runtime<'_>,
+    tasks: &Arc<Tasks>,
 ) {
     let stop = ctx.close_idle.clone();
     let mut backoff = None;
@@ -116,7 +111,7 @@ async fn accept_loop<H: Handler>(
         }
         // With max_connections reached, leave new connections in the backlog.
         if let Some(max) = max_connections {
-            if !matches!(room(&connections, max, &mut closing).await, Some(())) {
+            if !matches!(room(connections, max, &mut closing).await, Some(())) {
                 break;
             }
         }
@@ -127,20 +122,16 @@ async fn accept_loop<H: Handler>(
         match accepted.await {
             None => break,
             Some(Ok((stream, peer))) => {
-                let Some(ex) = ex.upgrade() else { break };
                 backoff = None;
                 let _ = stream.get_ref().set_nodelay(true);
-                ctx.metrics.accepted();
-                let guard = connections.guard();
                 let ctx = ctx.clone();
                 log::trace!("{peer}: accepted");
-                ex.spawn(async move {
-                    let _guard = guard;
-                    if AssertUnwindSafe(conn::serve(stream, &ctx)).catch_unwind().await.is_err() {
+                runtime.spawn(tasks, move |place| async move {
+                    ctx.metrics.shard(place).accepted();
+                    if AssertUnwindSafe(conn::serve(stream, &ctx, place)).catch_unwind().await.is_err() {
                         log::error!("a connection task panicked; its connection is closed");
                     }
-                })
-                .detach();
+                });
             }
             Some(Err(e)) => {
                 let pause = backoff.map_or(ACCEPT_BACKOFF_MIN, |d: Duration| (d * 2).min(ACCEPT_BACKOFF_MAX));
@@ -176,49 +167,4 @@ async fn room(connections: &Counter, max: usize, closing: &mut event_listener::E
         None
     })
     .await
-}
-
-/// The threads that run connection tasks: each drives the reactor and the shared executor.
-pub(crate) struct Workers {
-    /// The executor every connection task is spawned on.
-    ex: Arc<Executor<'static>>,
-    /// Tells the threads to return.
-    stop: Latch,
-    /// Threads still running.
-    running: Counter,
-}
-
-impl Workers {
-    /// Starts `threads` threads.
-    pub(crate) fn start(threads: usize) -> Result<Workers> {
-        let workers = Workers { ex: Arc::new(Executor::new()), stop: Latch::default(), running: Counter::default() };
-        for i in 0..threads.max(1) {
-            let ex = workers.ex.clone();
-            let stop = workers.stop.clone();
-            let running = workers.running.guard();
-            std::thread::Builder::new()
-                .name(format!("servicegroup-{i}"))
-                .spawn(move || {
-                    async_io::block_on(ex.run(stop.wait()));
-                    // The executor goes before the guard, so the last reference is dropped
-                    // by `stop`, which thereby cancels every task still running.
-                    drop(ex);
-                    drop(running);
-                })
-                .map_err(Error::Io)?;
-        }
-        Ok(workers)
-    }
-
-    /// The executor.
-    pub(crate) fn executor(&self) -> &Arc<Executor<'static>> {
-        &self.ex
-    }
-
-    /// Stops the threads and drops every task still on the executor (closing its connection).
-    pub(crate) async fn stop(self) {
-        self.stop.set();
-        self.running.wait_below(1).await;
-        drop(self.ex);
-    }
 }

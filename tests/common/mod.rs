@@ -17,13 +17,69 @@ use servicegroup::{Config, Group, Handler, Shutdown};
 /// only fires when the server is broken.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
-/// A config for tests: loopback port 0, no debug server, no signal handling, 2 threads.
+/// Where a test's group runs its connections: the three modes of the crate docs' table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runtime {
+    /// `Group::run` with 2 threads of the group's own.
+    Threads,
+    /// `Group::run_on` an application executor run by 2 threads.
+    Executor,
+    /// `Group::run` with `threads = 0`: everything inside the future.
+    Inline,
+}
+
+thread_local! {
+    /// The mode of the test running on this thread.
+    static RUNTIME: std::cell::Cell<Runtime> = const { std::cell::Cell::new(Runtime::Threads) };
+}
+
+/// Runs `test` with its servers in `runtime` (the [`in_every_runtime!`] macro calls this).
+pub fn in_runtime<T>(runtime: Runtime, test: impl FnOnce() -> T) -> T {
+    RUNTIME.with(|mode| mode.set(runtime));
+    test()
+}
+
+/// The mode of the test running on this thread.
+pub fn runtime() -> Runtime {
+    RUNTIME.with(std::cell::Cell::get)
+}
+
+/// Turns one test function into three tests, `NAME::threads`, `NAME::executor` and
+/// `NAME::inline`, each running it with its servers in that mode. Attributes (`cfg`, ...)
+/// carry over to each.
+#[macro_export]
+macro_rules! in_every_runtime {
+    ($(#[$meta:meta])* fn $name:ident() $(-> $ret:ty)? $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[$meta])*
+            #[test]
+            fn threads() $(-> $ret)? {
+                common::in_runtime(common::Runtime::Threads, || $body)
+            }
+            $(#[$meta])*
+            #[test]
+            fn executor() $(-> $ret)? {
+                common::in_runtime(common::Runtime::Executor, || $body)
+            }
+            $(#[$meta])*
+            #[test]
+            fn inline() $(-> $ret)? {
+                common::in_runtime(common::Runtime::Inline, || $body)
+            }
+        }
+    };
+}
+
+/// A config for tests: loopback port 0, no debug server, no signal handling, and the threads
+/// of this test's mode (2, or 0 inline).
 pub fn config() -> Config {
     let mut config = Config::default();
     config.addr = "127.0.0.1:0".parse().unwrap();
     config.debug_addr = None;
     config.handle_signals = false;
-    config.threads = 2;
+    config.threads = if runtime() == Runtime::Inline { 0 } else { 2 };
     config
 }
 
@@ -45,10 +101,31 @@ impl Server {
         Server::from_group(Group::new(handler, config).expect("bind"))
     }
 
-    /// Starts a group built by the test.
+    /// Starts a group built by the test, in this test's mode.
     pub fn from_group(group: Group) -> Server {
         let (addr, debug_addr, shutdown) = (group.addr(), group.debug_addr(), group.shutdown());
-        let thread = std::thread::spawn(move || futures_lite::future::block_on(group.run()));
+        let thread = match runtime() {
+            Runtime::Threads | Runtime::Inline => {
+                std::thread::spawn(move || futures_lite::future::block_on(group.run()))
+            }
+            Runtime::Executor => std::thread::spawn(move || {
+                // An application's executor, run by this thread and one more.
+                let ex = std::sync::Arc::new(smol::Executor::new());
+                let (stop, stopped) = smol::channel::bounded::<()>(1);
+                let helper = {
+                    let ex = ex.clone();
+                    std::thread::spawn(move || smol::block_on(ex.run(stopped.recv())))
+                };
+                let server = ex.spawn({
+                    let ex = ex.clone();
+                    async move { group.run_on(&ex).await }
+                });
+                let result = smol::block_on(ex.run(server));
+                drop(stop);
+                let _ = helper.join();
+                result
+            }),
+        };
         Server { addr, debug_addr, shutdown, thread: Some(thread) }
     }
 

@@ -1,0 +1,248 @@
+//! Where connection tasks run. Knows nothing of HTTP.
+//!
+//! [`Runtime`] is the one place that says which mode is in use; every other module spawns
+//! through it and is mode-blind:
+//!
+//! - **own threads** (`Config::threads` ≥ 1): a [`Pool`] of threads, each driving the reactor
+//!   and its own executor. A new connection is placed on the thread with the fewest open
+//!   connections and stays there: no request is handed between threads, and per-thread
+//!   state (metric shards, buffer pools) is touched by one thread only;
+//! - **the caller's executor** ([`Group::run_on`](crate::Group::run_on)): tasks are spawned
+//!   on it, and run on whatever threads run it;
+//! - **inside `run`'s future** (`Config::threads = 0`): an executor of the group's own,
+//!   driven by the future [`Group::run`](crate::Group::run) returns, from whatever polls it.
+//!
+//! A server's spawned tasks are kept in its [`Tasks`], so that cutting them at the shutdown
+//! deadline, or dropping the group's future, cancels every one: cancellation is drop.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use async_executor::{Executor, Task};
+use slab::Slab;
+
+use crate::error::{Error, Result};
+use crate::shutdown::{Counter, Latch};
+
+/// Where a group's tasks run.
+pub(crate) enum Runtime<'a> {
+    /// The group's own threads.
+    Pool(&'a Pool),
+    /// One executor: the caller's, or the group's own driven by `run`'s future.
+    Executor(&'a Executor<'static>),
+}
+
+impl Runtime<'_> {
+    /// How many places tasks can be put (threads in a pool; 1 otherwise): metrics keep one
+    /// shard per place.
+    pub(crate) fn places(&self) -> usize {
+        match self {
+            Runtime::Pool(pool) => pool.executors.len(),
+            Runtime::Executor(_) => 1,
+        }
+    }
+
+    /// Whether the group has threads of its own (the deadline sweeper may then be one).
+    pub(crate) fn has_threads(&self) -> bool {
+        matches!(self, Runtime::Pool(_))
+    }
+
+    /// Spawns the task `make` builds for the place it is given (the least loaded one), and
+    /// keeps it in `tasks` (and counted in its counter) until it ends.
+    pub(crate) fn spawn<F>(&self, tasks: &Arc<Tasks>, make: impl FnOnce(usize) -> F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let mut inner = tasks.lock();
+        let place = inner.least_loaded();
+        let entry = inner.tasks.vacant_entry();
+        let key = entry.key();
+        let future = make(place);
+        let done = tasks.clone();
+        let open = tasks.open.guard();
+        let task = async move {
+            future.await;
+            // Forgotten before it stops counting, so a drain that saw zero finds no task.
+            done.finished(key, place);
+            drop(open);
+        };
+        let task = match self {
+            Runtime::Pool(pool) => pool.executors[place].spawn(task),
+            Runtime::Executor(ex) => ex.spawn(task),
+        };
+        entry.insert(task);
+        inner.loads[place] += 1;
+    }
+}
+
+/// The tasks one server has spawned, and how many run in each place.
+pub(crate) struct Tasks {
+    /// Locked to spawn, to finish and to cut: once per connection, never per request.
+    inner: Mutex<TasksInner>,
+    /// Counts the tasks (a server's open connections: the drain waits for zero).
+    open: Counter,
+}
+
+/// See [`Tasks`].
+struct TasksInner {
+    /// Tasks still running; dropping one cancels it.
+    tasks: Slab<Task<()>>,
+    /// Tasks running in each place.
+    loads: Vec<usize>,
+    /// Where the search for the least loaded place starts, rotating so that ties (one
+    /// connection at a time) spread over every place.
+    next: usize,
+}
+
+impl TasksInner {
+    /// The place with the fewest tasks; among equals, the next in turn.
+    fn least_loaded(&mut self) -> usize {
+        let n = self.loads.len();
+        let start = self.next % n;
+        let place = (0..n).map(|i| (start + i) % n).min_by_key(|&i| self.loads[i]).unwrap_or(0);
+        self.next = place + 1;
+        place
+    }
+}
+
+impl Tasks {
+    /// An empty set for a runtime with `places` places, counting its tasks in `open`.
+    pub(crate) fn new(places: usize, open: Counter) -> Arc<Tasks> {
+        let inner = TasksInner { tasks: Slab::new(), loads: vec![0; places.max(1)], next: 0 };
+        Arc::new(Tasks { inner: Mutex::new(inner), open })
+    }
+
+    /// Locks; a panic elsewhere leaves the data consistent.
+    fn lock(&self) -> MutexGuard<'_, TasksInner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A task ended by itself: forget its handle (detaching, since it is this very task).
+    fn finished(&self, key: usize, place: usize) {
+        let mut inner = self.lock();
+        if let Some(task) = inner.tasks.try_remove(key) {
+            inner.loads[place] -= 1;
+            task.detach();
+        }
+    }
+
+    /// Cancels every task still running and waits until each has stopped (its future
+    /// dropped, its connection closed); returns how many there were.
+    pub(crate) async fn cut(&self) -> usize {
+        let tasks = {
+            let mut inner = self.lock();
+            inner.loads.iter_mut().for_each(|load| *load = 0);
+            std::mem::take(&mut inner.tasks)
+        };
+        let cut = tasks.len();
+        for (_, task) in tasks {
+            task.cancel().await;
+        }
+        cut
+    }
+
+    /// Cancels every task without waiting (the group's future is being dropped).
+    pub(crate) fn cancel_all(&self) {
+        let tasks = std::mem::take(&mut self.lock().tasks);
+        drop(tasks);
+    }
+}
+
+/// Cancels every task of a [`Tasks`] when dropped: the group's future was dropped before its
+/// servers finished.
+pub(crate) struct CancelOnDrop<'a>(pub(crate) &'a Tasks);
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.cancel_all();
+    }
+}
+
+/// Threads, each running the reactor and its own executor until stopped.
+pub(crate) struct Pool {
+    /// One executor per thread; only that thread runs it.
+    executors: Vec<Arc<Executor<'static>>>,
+    /// Tells the threads to return.
+    stop: Latch,
+    /// Threads still running.
+    running: Counter,
+}
+
+impl Pool {
+    /// Starts `threads` threads (at least one).
+    pub(crate) fn start(threads: usize) -> Result<Pool> {
+        let mut pool = Pool { executors: Vec::new(), stop: Latch::default(), running: Counter::default() };
+        for i in 0..threads.max(1) {
+            let ex = Arc::new(Executor::new());
+            pool.executors.push(ex.clone());
+            let stop = pool.stop.wait();
+            let running = pool.running.guard();
+            std::thread::Builder::new()
+                .name(format!("servicegroup-{i}"))
+                .spawn(move || {
+                    async_io::block_on(ex.run(stop));
+                    // Whatever is still on the executor is dropped with it.
+                    drop(ex);
+                    drop(running);
+                })
+                .map_err(Error::Io)?;
+        }
+        Ok(pool)
+    }
+
+    /// Stops the threads and waits until they have returned.
+    pub(crate) async fn stop(self) {
+        self.stop.set();
+        self.running.wait_below(1).await;
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Dropped without `stop` (the group's future was dropped): the threads still end.
+        self.stop.set();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_lite::future::block_on;
+
+    #[test]
+    fn tasks_go_to_the_least_loaded_place_and_ties_take_turns() {
+        let mut inner = TasksInner { tasks: Slab::new(), loads: vec![0, 0, 0], next: 0 };
+        let order: Vec<usize> = (0..6).map(|_| inner.least_loaded()).collect();
+        assert_eq!(order, [0, 1, 2, 0, 1, 2], "with no load, places take turns");
+        inner.loads = vec![5, 1, 3];
+        assert_eq!(inner.least_loaded(), 1);
+        inner.loads = vec![2, 2, 2];
+        inner.next = 2;
+        assert_eq!(inner.least_loaded(), 2);
+    }
+
+    #[test]
+    fn cut_cancels_what_is_running_and_counts_it() {
+        let ex = Executor::new();
+        let tasks = Tasks::new(1, Counter::default());
+        let runtime = Runtime::Executor(&ex);
+        let (stopped, finished) = (Counter::default(), Counter::default());
+        for _ in 0..3 {
+            let guard = stopped.guard();
+            runtime.spawn(&tasks, |_| async move {
+                let _guard = guard;
+                futures_lite::future::pending::<()>().await;
+            });
+        }
+        let guard = finished.guard();
+        runtime.spawn(&tasks, |_| async move { drop(guard) });
+        block_on(ex.run(async {
+            finished.wait_below(1).await;
+            assert_eq!(tasks.lock().tasks.len(), 3, "the finished task removed itself");
+            assert_eq!(tasks.cut().await, 3);
+        }));
+        assert_eq!(stopped.count(), 0, "every cut task was dropped");
+        assert_eq!(tasks.open.count(), 0, "and no longer counts");
+        assert_eq!(tasks.lock().loads, [0]);
+    }
+}
