@@ -30,10 +30,26 @@ SERVERS = {
     "hyper": ("hyper_server", {}),
     "servicegroup": ("sg_server", {}),
     "sg, timeouts off": ("sg_server", {"TIMEOUTS": "off"}),
+    "sg on the caller's executor": ("sg_server", {"MODE": "executor"}),
+    "sg inside run's future": ("sg_server", {"MODE": "inline"}),
 }
 # Also measured with keep-alive only: both servers on one thread, which on a 2-core machine
 # shared with wrk shows the cost of the request path without cross-thread wake-ups.
-ONE_THREAD = {"hyper, 1 thread": "hyper", "servicegroup, 1 thread": "servicegroup"}
+ONE_THREAD = {
+    "hyper, 1 thread": "hyper",
+    "servicegroup, 1 thread": "servicegroup",
+    "sg on the caller's executor, 1 thread": "sg on the caller's executor",
+}
+# The runtime modes of the crate docs, side by side (keep-alive and pipelined): own threads,
+# the caller's executor (2 threads, then 1), and inside run's future (1 thread by nature).
+MODES = [
+    ("own threads", 2, "servicegroup"),
+    ("caller's executor", 2, "sg on the caller's executor"),
+    ("own threads", 1, "servicegroup, 1 thread"),
+    ("caller's executor", 1, "sg on the caller's executor, 1 thread"),
+    ("inside run's future", 1, "sg inside run's future"),
+]
+MODE_SCENARIOS = ["keep-alive, 64 connections", "pipelined, 16 per write"]
 SCENARIOS = {
     "keep-alive, 64 connections": ["-c64"],
     "pipelined, 16 per write": ["-c64", "-s", os.path.join(HERE, "pipeline.lua")],
@@ -201,16 +217,25 @@ def main():
     parser.add_argument("--duration", type=int, default=8)
     parser.add_argument("--idle", type=int, default=10_000)
     parser.add_argument("--skip-callgrind", action="store_true")
+    parser.add_argument("--modes-only", action="store_true", help="only the runtime modes table")
     args = parser.parse_args()
     ensure("wrk", "wrk")
     if not args.skip_callgrind:
         ensure("valgrind", "valgrind")
     build()
 
-    runs = {(s, c): [] for s in SERVERS for c in SCENARIOS}
+    mode_servers = [server for _, _, server in MODES]
     keep_alive = "keep-alive, 64 connections"
-    runs.update({(s, keep_alive): [] for s in ONE_THREAD})
-    idle = {s: [] for s in ("hyper", "servicegroup")}
+    if args.modes_only:
+        runs = {(s, c): [] for s in mode_servers for c in MODE_SCENARIOS}
+        idle = {}
+        args.skip_callgrind = True
+    else:
+        plain = [s for s in SERVERS if s not in mode_servers]
+        runs = {(s, c): [] for s in plain for c in SCENARIOS}
+        runs.update({(s, keep_alive): [] for s in ONE_THREAD})
+        runs.update({(s, c): [] for s in mode_servers for c in MODE_SCENARIOS})
+        idle = {s: [] for s in ("hyper", "servicegroup")}
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
         # Scenario by scenario, the servers back to back: drift hits them alike.
@@ -222,6 +247,21 @@ def main():
             idle[server].append(idle_run(server, args.idle))
 
     med = lambda xs: statistics.median(xs)
+    spread = lambda xs: f"{min(xs):.2f}/{med(xs):.2f}/{max(xs):.2f}"
+    print(f"\nruntime modes: server CPU per request in µs, min/median/max of {args.rounds} rounds, "
+          f"and the median against own threads on as many threads\n")
+    print("| mode | threads | " + " | ".join(f"{c}: CPU/request | vs own threads" for c in MODE_SCENARIOS) + " |")
+    print("|---|---:|" + "---:|---:|" * len(MODE_SCENARIOS))
+    for mode, threads, server in MODES:
+        base = "servicegroup" if threads == 2 else "servicegroup, 1 thread"
+        cells = []
+        for c in MODE_SCENARIOS:
+            xs = [x["cpu_us"] for x in runs[(server, c)]]
+            b = med([x["cpu_us"] for x in runs[(base, c)]])
+            cells += [spread(xs), ratio(med(xs), b)]
+        print(f"| {mode} | {threads} | " + " | ".join(cells) + " |")
+    if args.modes_only:
+        return
     print(f"\nwrk -t1 -d{args.duration}s, median of {args.rounds} interleaved rounds; servers on 2 threads; "
           f"{os.cpu_count()} cores\n")
     print("| scenario | server | req/s | p50 | p99 | peak RSS | server CPU/request |")

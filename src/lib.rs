@@ -17,15 +17,36 @@
 //!
 //! # How it works
 //!
-//! A small hand-written HTTP/1.1 connection loop (RFC 9112) runs each connection as a task on
-//! an [`async_executor::Executor`] driven by one thread per core. It races each phase of a
-//! connection against one deadline: waiting for a request (idle timeout), reading its head
-//! (header-read timeout), and everything after (write timeout: body, handler, response).
-//! Setting a deadline is an atomic store; one small sweeper thread per server wakes the
-//! connections whose deadline has passed. A supervisor races the group's members against a
-//! shared stop signal, and a counter of open connections tells the drain when it is done. It depends on smol's building blocks
-//! (async-io, async-executor, futures-lite), `http` for types and `httparse` for parsing;
-//! no tokio, no hyper.
+//! A small hand-written HTTP/1.1 connection loop (RFC 9112) runs each connection as a task
+//! (where: see [Runtimes](#runtimes)). It races each phase of a connection against one
+//! deadline: waiting for a request (idle timeout), reading its head (header-read timeout), and
+//! everything after (write timeout: body, handler, response). Setting a deadline is an atomic
+//! store; one sweeper per group wakes the connections whose deadline has passed. A supervisor
+//! races the group's members against a shared stop signal, and a counter of open connections
+//! tells the drain when it is done. It depends on smol's building blocks (async-io,
+//! async-executor, futures-lite), `http` for types and `httparse` for parsing; no tokio, no
+//! hyper.
+//!
+//! # Runtimes
+//!
+//! The same group runs in any of three places; nothing else changes (timeouts, drain,
+//! signals, metrics and the debug server behave the same in each, and the test suite runs
+//! every black-box test in all three):
+//!
+//! | mode | how | threads started | what it costs | pick it when |
+//! |---|---|---|---|---|
+//! | own threads (default) | [`Group::run`], `Config::threads = N` (default: one per core) | N, plus one deadline sweeper | each thread drives the reactor and its own executor; a new connection goes to the thread with the fewest open connections and stays there, so no request moves between threads and per-thread counters are never shared | the process is mainly this service |
+//! | the caller's executor | [`Group::run_on`]`(&executor)` | none | tasks run on the application's threads, which async-executor balances (a woken task may move between them); deadlines sleep on one async-io timer | the application already runs an [`async_executor::Executor`] (or `smol::Executor`) on its threads and should share them |
+//! | inside `run`'s future | [`Group::run`], `Config::threads = 0` (`SERVICEGROUP_THREADS=0`) | none | everything runs on the thread polling the future: one core at most | embedding in a smol or async-std application next to its own tasks, tests, small sidecars |
+//!
+//! The embedded mode works under `smol::block_on`, as a task on a `smol::Executor`, under
+//! `async_std::task::block_on` or `spawn`, and under `futures_lite::future::block_on`; a
+//! handler can await the host's timers and channels. `bench/run.py --modes-only` measures
+//! the modes side by side (README, "Performance").
+//!
+//! Listeners are `async_io::Async<std::net::TcpListener>`: `async_net::TcpListener` is an
+//! `Arc` around exactly that, and the accept loop, the only user, needs no sharing, so each
+//! accepted connection is an `Async<TcpStream>` with no `Arc` to pay per connection.
 //!
 //! # Examples
 //!
@@ -75,8 +96,9 @@
 //! rely on code after an await to release a lock, finish a transaction or send a message.
 //! Use RAII guards, or spawn work that must finish onto your own executor. The request body
 //! becomes unreadable once its exchange ends, so a task that keeps the body gets an error.
-//! [`Group::run`] itself may be dropped: its connections stop when it is, but its threads
-//! finish the tasks they are polling first.
+//! [`Group::run`] and [`Group::run_on`] may be dropped: every connection task is cancelled
+//! (its connection closed) and the listeners close; the group's threads end after the tasks
+//! they are polling.
 //!
 //! # Shutdown
 //!

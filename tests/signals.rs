@@ -22,8 +22,18 @@ fn start_work(example: &Example, ms: u64) -> std::net::TcpStream {
     stream
 }
 
+/// `SERVICEGROUP_THREADS` for the example: its own threads (the default), or none.
+const THREADS: [&str; 2] = ["2", "0"];
+
 fn graceful(signal: &str) -> io::Result<()> {
-    let mut example = Example::start("", &[]);
+    for threads in THREADS {
+        graceful_with(signal, threads)?;
+    }
+    Ok(())
+}
+
+fn graceful_with(signal: &str, threads: &str) -> io::Result<()> {
+    let mut example = Example::start("", &[("SERVICEGROUP_THREADS", threads)]);
     let mut stream = start_work(&example, 800);
     example.signal(signal);
     let text = read_to_close(&mut stream);
@@ -49,8 +59,8 @@ fn sigint_drains_requests_in_flight_and_exits_0() -> io::Result<()> {
 
 #[test]
 fn a_second_signal_during_the_drain_exits_at_once() -> io::Result<()> {
-    for (signal, number) in [("INT", 2), ("TERM", 15)] {
-        let mut example = Example::start("", &[]);
+    for ((signal, number), threads) in [("INT", 2), ("TERM", 15)].into_iter().zip(THREADS) {
+        let mut example = Example::start("", &[("SERVICEGROUP_THREADS", threads)]);
         let _stream = start_work(&example, 20_000);
         let debug = example.debug_addr.unwrap();
         example.signal(signal);
