@@ -89,6 +89,10 @@ pub struct Config {
     /// polls it (see the crate docs' table of runtimes). Ignored by
     /// [`Group::run_on`](crate::Group::run_on), which uses the caller's executor.
     pub threads: usize,
+    /// Whether to log one line per exchange (`SERVICEGROUP_ACCESS_LOG=1`): logfmt, through the
+    /// `log` facade on target `servicegroup::access` at info level. Default off; when off
+    /// nothing is formatted. The line's fields are listed in the crate docs.
+    pub access_log: bool,
     /// Whether [`Group::run`](crate::Group::run) handles SIGINT and SIGTERM (graceful
     /// shutdown; a second signal exits at once). Turn off when the application handles
     /// signals itself and calls [`Shutdown::start`](crate::Shutdown::start).
@@ -110,6 +114,7 @@ impl Default for Config {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_connections: None,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            access_log: false,
             handle_signals: true,
         }
     }
@@ -128,6 +133,7 @@ impl Config {
     /// | `SERVICEGROUP_SHUTDOWN_TIMEOUT_MS` | `shutdown_timeout` | milliseconds (0: cut what is open at once) |
     /// | `SERVICEGROUP_DRAIN_DELAY_MS` | `drain_delay` | milliseconds |
     /// | `SERVICEGROUP_THREADS` | `threads` | a whole number; 0 = no threads of its own |
+    /// | `SERVICEGROUP_ACCESS_LOG` | `access_log` | `1` or `0` (also `true`, `false`) |
     ///
     /// A value that does not parse is an [`Error::Config`] naming the variable and the value.
     pub fn from_env() -> Result<Config> {
@@ -172,6 +178,19 @@ impl Config {
         }
         if let Some(d) = parse_ms("SERVICEGROUP_DRAIN_DELAY_MS")? {
             config.drain_delay = d;
+        }
+        if let Some(value) = get("SERVICEGROUP_ACCESS_LOG") {
+            config.access_log = match value.trim() {
+                "1" | "true" => true,
+                "0" | "false" => false,
+                _ => {
+                    return Err(Error::Config {
+                        name: "SERVICEGROUP_ACCESS_LOG",
+                        value,
+                        expected: "1 or 0 (true or false)",
+                    })
+                }
+            };
         }
         if let Some(value) = get("SERVICEGROUP_THREADS") {
             config.threads = match value.trim().parse::<usize>() {
@@ -263,6 +282,8 @@ mod tests {
         assert_eq!(c.drain_delay, Duration::from_millis(7));
         assert_eq!(c.threads, 3);
         assert_eq!(from(&[("SERVICEGROUP_THREADS", "0")]).unwrap().threads, 0, "0: no threads of its own");
+        assert!(from(&[("SERVICEGROUP_ACCESS_LOG", "1")]).unwrap().access_log);
+        assert!(!Config::default().access_log);
         let c = from(&[("SERVICEGROUP_DEBUG_ADDR", "[::1]:9000"), ("SERVICEGROUP_ADDR", "localhost:81")]).unwrap();
         assert_eq!(c.debug_addr.unwrap().to_string(), "[::1]:9000");
         assert_eq!(c.addr.to_string(), "127.0.0.1:81");
@@ -279,6 +300,7 @@ mod tests {
             ("SERVICEGROUP_SHUTDOWN_TIMEOUT_MS", "1.5"),
             ("SERVICEGROUP_DRAIN_DELAY_MS", "x"),
             ("SERVICEGROUP_THREADS", "two"),
+            ("SERVICEGROUP_ACCESS_LOG", "yes"),
         ];
         for (name, value) in table {
             let text = from(&[(name, value)]).unwrap_err().to_string();

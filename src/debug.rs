@@ -2,6 +2,7 @@
 //! readiness, plus the user's own. It is served by the same connection loop as the service,
 //! on its own listener (loopback by default) with its own timeouts.
 
+use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,8 +14,9 @@ use http::{Method, Request, Response, StatusCode};
 use crate::body::Body;
 use crate::handler::Handler;
 use crate::metrics::Metrics;
+use crate::server::clock::{Activity, Clock, Row};
 use crate::server::conn::PeerGone;
-use crate::shutdown::{Counter, Shutdown};
+use crate::shutdown::{Counter, Latch, Shutdown};
 
 /// Longest CPU profile, in seconds; the debug server's write timeout is sized from it.
 pub const MAX_PROFILE_SECONDS: u64 = 300;
@@ -39,17 +41,56 @@ pub(crate) fn route(handler: impl Handler) -> Route {
     Box::new(move |req| Box::pin(handler.call(req)))
 }
 
+/// Rows `/debug/connections` shows at most (the totals count every connection): a page a
+/// browser renders at once, and a bounded cost for one scrape of 15,000 connections.
+pub(crate) const MAX_CONNECTION_ROWS: usize = 1_000;
+
+/// A user debug route: its exact path, its one line for the index, and its handler.
+pub(crate) struct UserRoute {
+    /// The exact path.
+    pub(crate) path: String,
+    /// What it shows, for the index.
+    pub(crate) about: String,
+    /// The handler.
+    pub(crate) route: Route,
+}
+
 /// What the debug routes read.
 pub(crate) struct State {
-    /// User routes, by exact path; checked before the built-in ones.
-    pub(crate) routes: Vec<(String, Route)>,
+    /// User routes; checked before the built-in ones.
+    pub(crate) routes: Vec<UserRoute>,
     /// The service's counters.
     pub(crate) metrics: Arc<Metrics>,
     /// The service's open connections.
     pub(crate) connections: Counter,
+    /// The clock whose slots describe every service connection.
+    pub(crate) clock: Clock,
+    /// Set when the service's drain starts.
+    pub(crate) draining: Latch,
     /// Readiness turns to 503 once this starts.
     pub(crate) shutdown: Shutdown,
 }
+
+/// The built-in routes and their line in the index (link, label, what it shows).
+const BUILT_IN: [(&str, &str, &str); 9] = [
+    (
+        "/debug/pprof/profile?seconds=30",
+        "/debug/pprof/profile?seconds=N",
+        "CPU profile (gzipped pprof protobuf; <code>go tool pprof URL</code>)",
+    ),
+    ("/debug/pprof/flamegraph?seconds=10", "/debug/pprof/flamegraph?seconds=N", "CPU flamegraph (SVG)"),
+    ("/debug/pprof/cmdline", "/debug/pprof/cmdline", "command line"),
+    (
+        "/debug/connections",
+        "/debug/connections",
+        "open service connections: peer, phase, request in flight, ages (<code>?format=json</code>)",
+    ),
+    ("/metrics", "/metrics", "Prometheus metrics"),
+    ("/debug/vars", "/debug/vars", "the same figures as JSON"),
+    ("/healthz", "/healthz", "liveness (200 while the process runs)"),
+    ("/readyz", "/readyz", "readiness (503 once shutdown starts)"),
+    ("/", "/ or /debug/pprof/", "this index"),
+];
 
 /// The debug server's handler.
 #[derive(Clone)]
@@ -61,8 +102,8 @@ impl Handler for Debug {
     fn call(&self, req: Request<Body>) -> BoxResponse {
         let state = &self.0;
         let path = req.uri().path();
-        if let Some((_, route)) = state.routes.iter().find(|(p, _)| p == path) {
-            return route(req);
+        if let Some(user) = state.routes.iter().find(|r| r.path == path) {
+            return (user.route)(req);
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             let known = matches!(
@@ -72,6 +113,7 @@ impl Handler for Debug {
                     | "/debug/pprof/profile"
                     | "/debug/pprof/flamegraph"
                     | "/debug/pprof/cmdline"
+                    | "/debug/connections"
                     | "/metrics"
                     | "/debug/vars"
                     | "/healthz"
@@ -101,6 +143,7 @@ impl Handler for Debug {
                 let args: Vec<String> = std::env::args().collect();
                 text(StatusCode::OK, args.join("\0"))
             }
+            "/debug/connections" => connections(state, req.uri().query()),
             "/metrics" => typed(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", snapshot().prometheus()),
             "/debug/vars" => typed(StatusCode::OK, "application/json", snapshot().json()),
             "/healthz" => text(StatusCode::OK, "ok\n"),
@@ -144,27 +187,124 @@ fn seconds(query: Option<&str>) -> Result<u64, String> {
     }
 }
 
-/// The index page.
+/// The index page: every route, the application's included, one line each.
 fn index(state: &State) -> String {
     let mut page = String::from(
         "<!doctype html><html><head><title>servicegroup debug</title></head><body>\n\
-         <h1>servicegroup debug server</h1>\n<ul>\n\
-         <li><a href=\"/debug/pprof/profile?seconds=30\">/debug/pprof/profile?seconds=N</a>: \
-         CPU profile (gzipped pprof protobuf; <code>go tool pprof URL</code>)</li>\n\
-         <li><a href=\"/debug/pprof/flamegraph?seconds=10\">/debug/pprof/flamegraph?seconds=N</a>: \
-         CPU flamegraph (SVG)</li>\n\
-         <li><a href=\"/debug/pprof/cmdline\">/debug/pprof/cmdline</a>: command line</li>\n\
-         <li><a href=\"/metrics\">/metrics</a>: Prometheus metrics</li>\n\
-         <li><a href=\"/debug/vars\">/debug/vars</a>: the same figures as JSON</li>\n\
-         <li><a href=\"/healthz\">/healthz</a>: liveness (200 while the process runs)</li>\n\
-         <li><a href=\"/readyz\">/readyz</a>: readiness (503 once shutdown starts)</li>\n",
+         <h1>servicegroup debug server</h1>\n<ul>\n",
     );
-    for (path, _) in &state.routes {
-        let path = path.replace('&', "&amp;").replace('<', "&lt;").replace('"', "&quot;");
-        page.push_str(&format!("<li><a href=\"{path}\">{path}</a></li>\n"));
+    for (link, label, about) in BUILT_IN {
+        let _ = writeln!(page, "<li><a href=\"{link}\">{label}</a>: {about}</li>");
+    }
+    if !state.routes.is_empty() {
+        page.push_str("</ul>\n<h2>Added by the application</h2>\n<ul>\n");
+    }
+    for user in &state.routes {
+        let (path, about) = (html(&user.path), html(&user.about));
+        let _ = writeln!(page, "<li><a href=\"{path}\">{path}</a>: {about}</li>");
     }
     page.push_str("</ul></body></html>\n");
     page
+}
+
+/// Text escaped for HTML.
+fn html(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// Text escaped for a JSON string.
+fn json(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `/debug/connections`: every open service connection (the first [`MAX_CONNECTION_ROWS`])
+/// and totals per phase; HTML, or JSON with `?format=json`; `?refresh=N` reloads the page
+/// every N seconds.
+fn connections(state: &State, query: Option<&str>) -> Response<Body> {
+    let param = |name: &str| query.unwrap_or("").split('&').find_map(|p| p.strip_prefix(name)?.strip_prefix('='));
+    let listing = state.clock.connections(MAX_CONNECTION_ROWS);
+    let draining = state.draining.is_set();
+    // In flight once the drain has started: what the drain is waiting for.
+    let phase = |row: &Row| match row.activity {
+        Activity::ReadingHead | Activity::InHandler | Activity::Writing if draining => {
+            format!("draining ({})", row.activity.as_str())
+        }
+        activity => activity.as_str().to_string(),
+    };
+    let total: usize = listing.totals.iter().sum();
+    let peer = |row: &Row| row.peer.map_or_else(|| "-".to_string(), |p| p.to_string());
+    if param("format") == Some("json") {
+        let mut out =
+            format!("{{\"total\":{total},\"shown\":{},\"draining\":{draining},\"phases\":{{", listing.rows.len());
+        for (i, activity) in Activity::ALL.iter().enumerate() {
+            let _ = write!(out, "{}\"{}\":{}", if i == 0 { "" } else { "," }, activity.as_str(), listing.totals[i]);
+        }
+        out.push_str("},\"connections\":[");
+        for (i, row) in listing.rows.iter().enumerate() {
+            let request = row.current.as_deref().map_or("null".to_string(), |r| format!("\"{}\"", json(r)));
+            let _ = write!(
+                out,
+                "{}{{\"peer\":\"{}\",\"phase\":\"{}\",\"request\":{request},\"age_ms\":{},\"phase_ms\":{},\"requests\":{}}}",
+                if i == 0 { "" } else { "," },
+                json(&peer(row)),
+                phase(row),
+                row.age.as_millis(),
+                row.in_activity.as_millis(),
+                row.requests
+            );
+        }
+        out.push_str("]}\n");
+        return typed(StatusCode::OK, "application/json", out);
+    }
+    let refresh = param("refresh").and_then(|n| n.parse::<u32>().ok()).filter(|n| (1..=3600).contains(n));
+    let mut page = String::from("<!doctype html><html><head><title>servicegroup connections</title>");
+    if let Some(n) = refresh {
+        let _ = write!(page, "<meta http-equiv=\"refresh\" content=\"{n}\">");
+    }
+    let _ = write!(
+        page,
+        "</head><body>\n<h1>Open service connections: {total}</h1>\n<p>{}",
+        if draining { "The drain has started. " } else { "" }
+    );
+    let counts: Vec<String> =
+        Activity::ALL.iter().zip(listing.totals).map(|(a, n)| format!("{}: {n}", a.as_str())).collect();
+    let _ = writeln!(
+        page,
+        "{}. <a href=\"?format=json\">JSON</a>, <a href=\"?refresh=2\">refresh every 2 s</a></p>",
+        counts.join(", ")
+    );
+    if listing.rows.len() < total {
+        let _ = writeln!(page, "<p>Showing the first {} of {total}.</p>", listing.rows.len());
+    }
+    page.push_str(
+        "<table border=\"1\" cellpadding=\"4\">\n<tr><th>peer</th><th>phase</th><th>request in flight</th>\
+                   <th>in phase</th><th>age</th><th>requests</th></tr>\n",
+    );
+    for row in &listing.rows {
+        let _ = writeln!(
+            page,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.1?}</td><td>{:.1?}</td><td>{}</td></tr>",
+            html(&peer(row)),
+            phase(row),
+            row.current.as_deref().map_or(String::new(), html),
+            row.in_activity,
+            row.age,
+            row.requests
+        );
+    }
+    page.push_str("</table></body></html>\n");
+    typed(StatusCode::OK, "text/html; charset=utf-8", page)
 }
 
 /// A plain-text response.
@@ -252,6 +392,11 @@ mod profile {
             Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("could not build the profile: {e}\n")),
         };
         drop(guard);
+        let samples: isize = report.data.values().sum();
+        log::info!(
+            "served a {seconds:.1} s CPU profile ({samples} samples{})",
+            if svg { ", as a flamegraph" } else { "" }
+        );
         if svg {
             if report.data.is_empty() {
                 // inferno draws nothing at all for no samples; a browser should see why.

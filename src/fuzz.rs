@@ -7,7 +7,6 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSlice};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll, Wake, Waker};
@@ -101,6 +100,8 @@ pub fn connection(script: Script, max_polls: usize) -> Exchange {
             max_body_bytes: u64::MAX,
             linger: None,
             watch_peer: true,
+            listed: false,
+            access_log: false,
         },
         close_responses: Latch::default(),
         close_idle: Latch::default(),
@@ -118,7 +119,7 @@ pub fn connection(script: Script, max_polls: usize) -> Exchange {
     let output = pipe.output.clone();
     let waker = Waker::from(Arc::new(Noop));
     let mut cx = TaskContext::from_waker(&waker);
-    let mut future = Box::pin(conn::serve(pipe, &ctx, 0));
+    let mut future = Box::pin(conn::serve(pipe, None, &ctx, 0));
     let mut exchange = Exchange::default();
     while exchange.polls < max_polls {
         exchange.polls += 1;
@@ -212,9 +213,5 @@ impl Io for Pipe {
 
     fn shutdown_write(&self) {
         self.write_closed.store(true, Ordering::Relaxed);
-    }
-
-    fn peer_addr(&self) -> Option<SocketAddr> {
-        None
     }
 }

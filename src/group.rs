@@ -12,7 +12,7 @@ use futures_lite::future::pending;
 use futures_lite::FutureExt;
 
 use crate::config::Config;
-use crate::debug::{self, Debug, Route};
+use crate::debug::{self, Debug, UserRoute};
 use crate::error::{BoxError, Error, Result};
 use crate::h1::decode::Limits;
 use crate::handler::Handler;
@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::runtime::{CancelOnDrop, Pool, Runtime, Tasks};
 use crate::server::clock::Clock;
 use crate::server::conn::{Context, Settings};
-use crate::server::{Listener, Server};
+use crate::server::{Drained, Listener, Server};
 use crate::shutdown::{Counter, Latch, Shutdown};
 use crate::signal::Signals;
 use crate::supervisor::{supervise, Member};
@@ -33,7 +33,7 @@ type Service = Box<
             &'a Arc<Tasks>,
             Arc<Metrics>,
             Clock,
-        ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>
+        ) -> Pin<Box<dyn Future<Output = Drained> + Send + 'a>>
         + Send,
 >;
 
@@ -80,7 +80,7 @@ pub struct Group {
     /// The debug server's listener, if enabled.
     debug: Option<Listener>,
     /// User debug routes.
-    routes: Vec<(String, Route)>,
+    routes: Vec<UserRoute>,
     /// User members.
     members: Vec<Member<'static>>,
 }
@@ -105,6 +105,8 @@ impl Group {
             max_body_bytes: config.max_body_bytes,
             linger: Some(crate::server::conn::LINGER),
             watch_peer: false,
+            listed: true,
+            access_log: config.access_log,
         };
         let (close_responses, close_idle) = (shutdown.latch().clone(), service_drain.clone());
         let (connections, max_connections) = (service_connections.clone(), config.max_connections);
@@ -156,9 +158,15 @@ impl Group {
     }
 
     /// Serves `handler` at `path` (an exact match) on the debug server, like adding to Go's
-    /// `DefaultServeMux`. A path of a built-in endpoint replaces it.
-    pub fn debug_route(&mut self, path: impl Into<String>, handler: impl Handler) -> &mut Group {
-        self.routes.push((path.into(), debug::route(handler)));
+    /// `DefaultServeMux`; the debug server's index lists it with `about`, one line saying what
+    /// it shows. A path of a built-in endpoint replaces it.
+    pub fn debug_route(
+        &mut self,
+        path: impl Into<String>,
+        about: impl Into<String>,
+        handler: impl Handler,
+    ) -> &mut Group {
+        self.routes.push(UserRoute { path: path.into(), about: about.into(), route: debug::route(handler) });
         self
     }
 
@@ -182,11 +190,11 @@ impl Group {
         match self.config.threads {
             0 => {
                 let ex = Executor::new();
-                ex.run(self.serve(&Runtime::Executor(&ex))).await
+                ex.run(self.serve(&Runtime::Executor(&ex), "no threads of its own")).await
             }
             threads => {
                 let pool = Pool::start(threads)?;
-                let result = self.serve(&Runtime::Pool(&pool)).await;
+                let result = self.serve(&Runtime::Pool(&pool), &format!("{threads} thread(s)")).await;
                 pool.stop().await;
                 result
             }
@@ -220,12 +228,14 @@ impl Group {
     /// # }
     /// ```
     pub async fn run_on(self, ex: &Executor<'static>) -> Result<()> {
-        self.serve(&Runtime::Executor(ex)).await
+        self.serve(&Runtime::Executor(ex), "on the caller's executor").await
     }
 
-    /// Runs everything through `runtime` until the group stops and drains.
-    async fn serve(self, runtime: &Runtime<'_>) -> Result<()> {
-        let Group { config, shutdown, service, addr: _, service_drain, service_connections, debug, routes, members } =
+    /// Runs everything through `runtime` (described as `mode` in the start line) until the
+    /// group stops and drains.
+    async fn serve(self, runtime: &Runtime<'_>, mode: &str) -> Result<()> {
+        let debug_addr = self.debug_addr();
+        let Group { config, shutdown, service, addr, service_drain, service_connections, debug, routes, members } =
             self;
         let places = runtime.places();
         let metrics = Arc::new(Metrics::new(places));
@@ -244,28 +254,42 @@ impl Group {
         // The service drains after the delay; the debug server after the service.
         let drain_delay = config.drain_delay;
         let (started, drained) = (shutdown.started(), service_drained.clone());
+        let service_drain_view = service_drain.clone();
         let serving = service(runtime, &service_tasks, metrics.clone(), clock.clone());
+        let serving = async { Some(serving.await) };
         all.push(Member {
             name: SERVICE.into(),
             future: Box::pin(async move {
                 let trigger = async {
                     started.await;
                     if !drain_delay.is_zero() {
-                        log::info!("service server: serving for the drain delay of {drain_delay:?} before draining");
+                        log::debug!("service server: serving for the drain delay of {drain_delay:?} before draining");
                         async_io::Timer::after(drain_delay).await;
                     }
                     service_drain.set();
-                    pending::<()>().await;
+                    pending().await
                 };
-                serving.or(trigger).await;
+                if let Some(done) = serving.or(trigger).await {
+                    log::info!(
+                        "service server: drained {} connection(s) in {:.1?} after the listener closed",
+                        done.connections,
+                        done.took
+                    );
+                }
                 drained.set();
                 Ok(())
             }),
         });
         if let Some(listener) = debug {
             let drain = Latch::default();
-            let state =
-                debug::State { routes, metrics, connections: service_connections.clone(), shutdown: shutdown.clone() };
+            let state = debug::State {
+                routes,
+                metrics,
+                connections: service_connections.clone(),
+                clock: clock.clone(),
+                draining: service_drain_view,
+                shutdown: shutdown.clone(),
+            };
             let ctx = Context {
                 handler: Debug(Arc::new(state)),
                 settings: Settings {
@@ -279,6 +303,8 @@ impl Group {
                     max_body_bytes: crate::DEFAULT_MAX_BODY_BYTES,
                     linger: Some(crate::server::conn::LINGER),
                     watch_peer: true,
+                    listed: false,
+                    access_log: false,
                 },
                 close_responses: drain.clone(),
                 close_idle: drain.clone(),
@@ -293,13 +319,18 @@ impl Group {
                     let trigger = async {
                         service_drained.await;
                         drain.set();
-                        pending::<()>().await;
+                        pending().await
                     };
                     serving.or(trigger).await;
                     Ok(())
                 }),
             });
         }
+        log::info!(
+            "serving http://{addr} ({}; {})",
+            debug_addr.map_or("debug server off".into(), |a| format!("debug server on http://{a}")),
+            mode
+        );
         all.extend(members);
 
         let signals = if config.handle_signals { Some(Signals::new().map_err(Error::Io)?) } else { None };

@@ -113,6 +113,7 @@
 #![warn(missing_docs)]
 #![doc(test(attr(deny(warnings))))]
 
+mod access;
 mod body;
 mod config;
 mod debug;
@@ -127,6 +128,10 @@ mod shutdown;
 mod signal;
 mod supervisor;
 
+/// Entry points for `fuzz/` and for replaying its corpus in `cargo test`: compiled only with
+/// the `fuzzing` feature, which the fuzz crate and this crate's own tests turn on, so the
+/// public API (and `cargo doc`) never holds them.
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 #[path = "fuzz.rs"]
 pub mod __fuzz;

@@ -131,7 +131,7 @@ impl Shutdown {
     /// Starts a graceful shutdown. Idempotent; returns immediately.
     pub fn start(&self) {
         if self.latch.set() {
-            log::info!("graceful shutdown started");
+            log::debug!("graceful shutdown started");
         }
     }
 

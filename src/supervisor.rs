@@ -90,7 +90,7 @@ fn poll_members(slots: &mut [Option<Member<'_>>], cx: &mut Context<'_>, first: &
         let result = match polled {
             Ok(Poll::Pending) => continue,
             Ok(Poll::Ready(Ok(()))) => {
-                log::info!("group member `{}` finished", member.name);
+                log::debug!("group member `{}` finished", member.name);
                 Ok(())
             }
             Ok(Poll::Ready(Err(source))) => Err(Error::Member { name: member.name.clone(), source }),

@@ -130,7 +130,7 @@ in_every_runtime! {
         let mut cfg = config();
         cfg.debug_addr = Some("127.0.0.1:0".parse().unwrap());
         let mut group = Group::new(handler, cfg).map_err(io::Error::other)?;
-        group.debug_route("/debug/cache", |_req: Request<Body>| async { Response::new(Body::from("cache: 42 entries")) });
+        group.debug_route("/debug/cache", "entries in the cache", |_req: Request<Body>| async { Response::new(Body::from("cache: 42 entries")) });
         let server = Server::from_group(group);
         let debug = server.debug_addr.unwrap();
         assert_eq!(Client::new(debug).request(&get("/debug/cache")).text(), "cache: 42 entries");

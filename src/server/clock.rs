@@ -14,6 +14,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -73,13 +74,108 @@ impl Default for Inner {
     }
 }
 
-/// One connection's deadline, shared with the sweeper.
-#[derive(Default)]
+/// One connection's deadline, shared with the sweeper, and what `/debug/connections` shows
+/// of it: the slot is the one per-connection record the server already keeps, so the view
+/// costs a store per phase change, not a lock or a list of its own.
 struct Slot {
     /// Milliseconds after the epoch, `NONE`, or `EXPIRED`.
     deadline: AtomicU64,
     /// The connection waiting on it.
     waker: Mutex<Option<Waker>>,
+    /// Whether the connections view lists it (the service's are; the debug server's not).
+    listed: bool,
+    /// The client's address.
+    peer: Option<SocketAddr>,
+    /// When the connection was accepted.
+    opened: Instant,
+    /// The [`Activity`] (top byte) and when it started, in milliseconds after `opened`.
+    activity: AtomicU64,
+    /// Requests that reached the handler on this connection. Written by its one task.
+    requests: AtomicU64,
+    /// Method and target of the exchange in flight, set only once its handler has to wait
+    /// (a request answered in one poll is never seen, so never recorded).
+    current: Mutex<Option<Box<str>>>,
+}
+
+/// What a connection is doing, as `/debug/connections` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activity {
+    /// Waiting for a request.
+    Idle,
+    /// Reading a request head.
+    ReadingHead,
+    /// Reading the body and running the handler.
+    InHandler,
+    /// Writing the response.
+    Writing,
+    /// Finishing: the last response is out and the connection closes.
+    Closing,
+}
+
+impl Activity {
+    /// Every activity, in display order.
+    pub(crate) const ALL: [Activity; 5] =
+        [Activity::Idle, Activity::ReadingHead, Activity::InHandler, Activity::Writing, Activity::Closing];
+
+    /// The name shown.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Activity::Idle => "idle",
+            Activity::ReadingHead => "reading head",
+            Activity::InHandler => "in handler",
+            Activity::Writing => "writing",
+            Activity::Closing => "closing",
+        }
+    }
+}
+
+/// One row of the connections view.
+#[derive(Debug, Clone)]
+pub(crate) struct Row {
+    /// The client's address.
+    pub(crate) peer: Option<SocketAddr>,
+    /// What it is doing.
+    pub(crate) activity: Activity,
+    /// Age of the connection.
+    pub(crate) age: Duration,
+    /// Time in the current activity.
+    pub(crate) in_activity: Duration,
+    /// Requests served on it.
+    pub(crate) requests: u64,
+    /// Method and target of the exchange in flight, if its handler is waiting.
+    pub(crate) current: Option<String>,
+}
+
+/// The connections view: the first rows, and totals per activity over every connection.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Listing {
+    /// At most the limit asked for.
+    pub(crate) rows: Vec<Row>,
+    /// Connections per activity, in [`Activity::ALL`] order.
+    pub(crate) totals: [usize; 5],
+}
+
+/// A connection's handle on its slot, for what the connections view shows.
+#[derive(Clone)]
+pub(crate) struct Tracker(Arc<Slot>);
+
+impl Tracker {
+    /// The connection starts `activity` at `at`.
+    pub(crate) fn enter(&self, activity: Activity, at: Instant) {
+        let since = at.saturating_duration_since(self.0.opened).as_millis().min(u128::from(u64::MAX >> 8)) as u64;
+        self.0.activity.store((activity as u64) << 56 | since, SeqCst);
+    }
+
+    /// Another request reached the handler.
+    pub(crate) fn count_request(&self) {
+        let slot = &self.0;
+        slot.requests.store(slot.requests.load(SeqCst) + 1, SeqCst);
+    }
+
+    /// Shows (or with `None` clears) the exchange in flight.
+    pub(crate) fn show(&self, current: Option<Box<str>>) {
+        *lock(&self.0.current) = current;
+    }
 }
 
 /// Locks a mutex; a poisoned one (a panic elsewhere) still holds consistent data here.
@@ -88,11 +184,45 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Clock {
-    /// A new deadline slot, registered with the sweeper until dropped.
-    pub(crate) fn deadline(&self) -> Deadline {
-        let slot = Arc::new(Slot { deadline: AtomicU64::new(NONE), waker: Mutex::default() });
+    /// A new deadline slot for a connection from `peer`, registered with the sweeper (and
+    /// shown in the connections view if `listed`) until dropped.
+    pub(crate) fn deadline(&self, peer: Option<SocketAddr>, listed: bool) -> Deadline {
+        let slot = Arc::new(Slot {
+            deadline: AtomicU64::new(NONE),
+            waker: Mutex::default(),
+            listed,
+            peer,
+            opened: Instant::now(),
+            activity: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            current: Mutex::new(None),
+        });
         let index = lock(&self.0.slots).insert(slot.clone());
         Deadline { clock: self.clone(), slot, index, when: None }
+    }
+
+    /// The listed connections: the first `limit` rows, and totals over all of them.
+    pub(crate) fn connections(&self, limit: usize) -> Listing {
+        let now = Instant::now();
+        let mut listing = Listing::default();
+        for (_, slot) in lock(&self.0.slots).iter().filter(|(_, slot)| slot.listed) {
+            let packed = slot.activity.load(SeqCst);
+            let activity = Activity::ALL.get((packed >> 56) as usize).copied().unwrap_or(Activity::Idle);
+            listing.totals[activity as usize] += 1;
+            if listing.rows.len() < limit {
+                let age = now.saturating_duration_since(slot.opened);
+                let since = Duration::from_millis(packed & (u64::MAX >> 8));
+                listing.rows.push(Row {
+                    peer: slot.peer,
+                    activity,
+                    age,
+                    in_activity: age.saturating_sub(since),
+                    requests: slot.requests.load(SeqCst),
+                    current: lock(&slot.current).as_deref().map(str::to_owned),
+                });
+            }
+        }
+        listing
     }
 
     /// A deadline `at`, in milliseconds after the epoch, rounded up.
@@ -224,6 +354,11 @@ pub(crate) struct Deadline {
 }
 
 impl Deadline {
+    /// A handle for what the connections view shows of this connection.
+    pub(crate) fn tracker(&self) -> Tracker {
+        Tracker(self.slot.clone())
+    }
+
     /// Starts a phase with this deadline (`None`: no timeout).
     pub(crate) fn set(&mut self, when: Option<Instant>) {
         self.when = when;
@@ -303,7 +438,7 @@ mod tests {
     fn a_deadline_fires_on_time_not_early() {
         let clock = Clock::default();
         let _sweeper = clock.start("test").unwrap();
-        let mut deadline = clock.deadline();
+        let mut deadline = clock.deadline(None, false);
         let start = Instant::now();
         deadline.set(Some(start + ms(60)));
         assert!(block_on(deadline.race(futures_lite::future::pending::<()>())).is_none());
@@ -315,16 +450,16 @@ mod tests {
     fn a_deadline_moved_later_does_not_fire_at_the_old_time() {
         let clock = Clock::default();
         let _sweeper = clock.start("test").unwrap();
-        let mut deadline = clock.deadline();
+        let mut deadline = clock.deadline(None, false);
         let start = Instant::now();
         deadline.set(Some(start + ms(30)));
         deadline.set(Some(start + ms(120)));
         assert!(block_on(deadline.race(futures_lite::future::pending::<()>())).is_none());
         assert!(start.elapsed() >= ms(120));
         // Moved earlier than the sweeper's plan: the sweeper is poked.
-        let mut late = clock.deadline();
+        let mut late = clock.deadline(None, false);
         late.set(Some(Instant::now() + Duration::from_secs(3600)));
-        let mut soon = clock.deadline();
+        let mut soon = clock.deadline(None, false);
         let start = Instant::now();
         soon.set(Some(start + ms(40)));
         assert!(block_on(soon.race(futures_lite::future::pending::<()>())).is_none());
@@ -334,7 +469,7 @@ mod tests {
     #[test]
     fn no_deadline_never_fires_and_work_that_is_ready_wins() {
         let clock = Clock::default();
-        let mut deadline = clock.deadline();
+        let mut deadline = clock.deadline(None, false);
         deadline.set(None);
         let mut pending = Box::pin(deadline.race(futures_lite::future::pending::<()>()));
         assert!(block_on(poll_once(&mut pending)).is_none());
@@ -349,11 +484,11 @@ mod tests {
     #[test]
     fn slots_are_reused() {
         let clock = Clock::default();
-        let a = clock.deadline();
-        let b = clock.deadline();
+        let a = clock.deadline(None, false);
+        let b = clock.deadline(None, false);
         let freed = a.index;
         drop(a);
-        let c = clock.deadline();
+        let c = clock.deadline(None, false);
         assert_eq!(c.index, freed);
         assert_eq!(lock(&clock.0.slots).len(), 2);
         drop((b, c));

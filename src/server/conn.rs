@@ -28,7 +28,8 @@ use futures_lite::FutureExt;
 use http::header::{self, HeaderMap};
 use http::{Method, Request, StatusCode, Version};
 
-use super::clock::{Clock, Deadline};
+use super::clock::{Activity, Clock, Deadline, Tracker};
+use crate::access;
 use crate::body::{Body, Incoming, Source};
 use crate::error::{decode_status, Error, Phase};
 use crate::h1::decode::{self, BodyDecoder, BodyLength, DecodeError, Head, HeadScanner, Limits};
@@ -80,8 +81,6 @@ pub(crate) trait Io: Send + Sync + 'static {
     fn poll_write_vectored(&self, cx: &mut TaskContext<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>>;
     /// Shuts the sending side (FIN), keeping the receiving side open.
     fn shutdown_write(&self);
-    /// The client's address, for logs.
-    fn peer_addr(&self) -> Option<SocketAddr>;
 }
 
 impl Io for Async<TcpStream> {
@@ -99,10 +98,6 @@ impl Io for Async<TcpStream> {
 
     fn shutdown_write(&self) {
         let _ = self.get_ref().shutdown(std::net::Shutdown::Write);
-    }
-
-    fn peer_addr(&self) -> Option<SocketAddr> {
-        self.get_ref().peer_addr().ok()
     }
 }
 
@@ -125,6 +120,10 @@ pub(crate) struct Settings {
     /// Whether a handler that waits can learn that its client went away ([`PeerGone`] in
     /// the request's extensions): the debug server's, whose profiles run for seconds.
     pub(crate) watch_peer: bool,
+    /// Whether `/debug/connections` lists these connections (the service's).
+    pub(crate) listed: bool,
+    /// See `Config::access_log`.
+    pub(crate) access_log: bool,
 }
 
 /// In a request's extensions when the server watches for the client going away: set once the
@@ -150,9 +149,15 @@ pub(crate) struct Context<H> {
     pub(crate) clock: Clock,
 }
 
-/// Serves one connection, running in place `place` of the runtime (its metrics shard), until
-/// it closes; returns why it closed, if not cleanly.
-pub(crate) async fn serve<I: Io, H: Handler>(io: I, ctx: &Context<H>, place: usize) -> Result<(), Error> {
+/// Serves one connection from `peer`, running in place `place` of the runtime (its metrics
+/// shard), until it closes; returns why it closed, if not cleanly.
+pub(crate) async fn serve<I: Io, H: Handler>(
+    io: I,
+    peer: Option<SocketAddr>,
+    ctx: &Context<H>,
+    place: usize,
+) -> Result<(), Error> {
+    let deadline = ctx.clock.deadline(peer, ctx.settings.listed);
     let mut conn = Conn {
         shared: Arc::new(Shared {
             io,
@@ -168,7 +173,9 @@ pub(crate) async fn serve<I: Io, H: Handler>(io: I, ctx: &Context<H>, place: usi
         }),
         ctx,
         metrics: ctx.metrics.shard(place),
-        deadline: ctx.clock.deadline(),
+        tracker: deadline.tracker(),
+        peer,
+        deadline,
         out: Vec::new(),
         drain: ctx.close_idle.slot(),
         head: None,
@@ -210,6 +217,10 @@ struct Conn<'a, I: Io, H> {
     ctx: &'a Context<H>,
     /// This connection's metrics shard.
     metrics: &'a Shard,
+    /// What the connections view shows of it.
+    tracker: Tracker,
+    /// The client, for logs.
+    peer: Option<SocketAddr>,
     /// This connection's deadline, swept by the server's clock.
     deadline: Deadline,
     /// Encoded response bytes not yet written; pipelined responses gather here.
@@ -226,9 +237,9 @@ struct Conn<'a, I: Io, H> {
 }
 
 impl<I: Io, H: Handler> Conn<'_, I, H> {
-    /// The client's address, for logs (asked of the socket: it is only needed there).
+    /// The client's address, for logs.
     fn peer(&self) -> String {
-        self.shared.io.peer_addr().map_or_else(|| "unknown peer".into(), |a| a.to_string())
+        self.peer.map_or_else(|| "unknown peer".into(), |a| a.to_string())
     }
 
     /// The keep-alive loop.
@@ -244,6 +255,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                 let phase = if first { Phase::HeaderRead } else { Phase::Idle };
                 if !first {
                     self.deadline.set(after(self.now, self.ctx.settings.idle_timeout));
+                    self.tracker.enter(Activity::Idle, self.now);
                 }
                 match self.wait_for_request().await {
                     Some(Ok(Wait::Readable)) => {}
@@ -260,12 +272,14 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
             if !first {
                 self.deadline.set(after(self.now, self.ctx.settings.header_read_timeout));
             }
+            self.tracker.enter(Activity::ReadingHead, self.now);
             first = false;
             match self.read_head().await {
                 Ok(true) => {}
                 Ok(false) => return Ok(()),
                 Err(HeadError::Invalid(e)) => {
-                    self.reject(e);
+                    let status = self.reject(e);
+                    self.log_refused(status);
                     Box::pin(self.linger()).await;
                     return Ok(());
                 }
@@ -273,6 +287,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                     let e = self.timed_out(Phase::HeaderRead);
                     if partial {
                         self.metrics.response(408);
+                        self.log_refused(408);
                         let message = "the request head took longer than the server's header read timeout";
                         encode::encode_error(
                             &mut self.out,
@@ -415,13 +430,21 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
         }
     }
 
-    /// Answers a request the codec refused, and counts it.
-    fn reject(&mut self, e: DecodeError) {
+    /// Answers a request the codec refused, and counts it; returns the status.
+    fn reject(&mut self, e: DecodeError) -> u16 {
         let status = decode_status(&e);
         log::debug!("{}: refused a request with {status}: {}", self.peer(), e.reason());
         self.metrics.rejected(Reject::from(&e));
         self.metrics.response(status.as_u16());
         encode::encode_error(&mut self.out, status, e.reason(), &date(self.now));
+        status.as_u16()
+    }
+
+    /// The access-log line of a request refused before its head was parsed.
+    fn log_refused(&self, status: u16) {
+        if self.ctx.settings.access_log {
+            access::Entry::refused(self.peer, self.now).finish(Some(status), 0, None);
+        }
     }
 
     /// Runs one exchange (body, handler, response) under the write deadline, catching panics.
@@ -431,14 +454,32 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
         let metrics = self.metrics;
         metrics.request_started();
         self.deadline.set(after(started, ctx.settings.write_timeout));
+        self.tracker.enter(Activity::InHandler, started);
+        self.tracker.count_request();
+        // Built only when the access log is on; written when the exchange ends (with
+        // `end=cut` if this future is dropped first).
+        let entry = match (&self.head, ctx.settings.access_log) {
+            (Some(head), true) => Some(access::Entry::new(self.peer, &head.method, &head.uri, head.version, started)),
+            _ => None,
+        };
         let mut progress = Progress::default();
-        let Conn { shared, deadline, out, head, .. } = self;
+        let Conn { shared, deadline, out, head, tracker, .. } = self;
+        let records = Records { metrics, tracker };
         // Boxed: the task of an idle connection stays small, and the wrappers below move a
         // pointer instead of the whole future.
-        let work =
-            AssertUnwindSafe(Box::pin(respond(shared, out, ctx, metrics, head, started, &mut progress))).catch_unwind();
+        let work = AssertUnwindSafe(Box::pin(respond(shared, out, ctx, &records, head, started, &mut progress)))
+            .catch_unwind();
         let outcome = deadline.race(work).await;
         self.now = Instant::now();
+        if progress.shown {
+            self.tracker.show(None);
+        }
+        let end = match &outcome {
+            Some(Ok(Ok(_))) => None,
+            Some(Ok(Err(_))) => Some(access::End::ClientGone),
+            Some(Err(_)) => Some(access::End::Panicked),
+            None => Some(access::End::TimedOut(Phase::Write)),
+        };
         let result = match outcome {
             Some(Ok(result)) => result,
             Some(Err(panic)) => {
@@ -457,6 +498,9 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                 if progress.head_written {
                     // Part of the response may be out: all that is left is to close.
                     metrics.request_finished(progress.status, self.now - started);
+                    if let Some(entry) = entry {
+                        entry.finish(progress.status, progress.sent, end);
+                    }
                     return Err(e);
                 }
                 progress.status = Some(503);
@@ -466,13 +510,18 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
             }
         };
         metrics.request_finished(progress.status, self.now - started);
+        if let Some(entry) = entry {
+            entry.finish(progress.status, progress.sent, end);
+        }
         result
     }
 
     /// Flushes what is left, stops sending, and reads (discarding) until the client closes,
     /// the linger time passes or [`LINGER_BYTES`] arrive; then the connection closes.
     async fn linger(&mut self) {
-        self.deadline.set(after(Instant::now(), self.ctx.settings.linger));
+        let now = Instant::now();
+        self.deadline.set(after(now, self.ctx.settings.linger));
+        self.tracker.enter(Activity::Closing, now);
         let Conn { shared, out, deadline, .. } = self;
         if !matches!(deadline.race(flush(&shared.io, out)).await, Some(Ok(()))) {
             return;
@@ -512,6 +561,18 @@ struct Progress {
     head_written: bool,
     /// The status sent, for metrics.
     status: Option<u16>,
+    /// Response body bytes written, for the access log.
+    sent: u64,
+    /// Whether the exchange shows in the connections view (to clear it after).
+    shown: bool,
+}
+
+/// Where an exchange records what happens: its connection's metrics shard and tracker.
+struct Records<'a> {
+    /// The metrics shard.
+    metrics: &'a Shard,
+    /// The connections view's slot.
+    tracker: &'a Tracker,
 }
 
 /// One exchange: hand the request to the handler, decide the framing, write the response, and
@@ -521,7 +582,7 @@ async fn respond<I: Io, H: Handler>(
     shared: &Arc<Shared<I>>,
     out: &mut Vec<u8>,
     ctx: &Context<H>,
-    metrics: &Shard,
+    records: &Records<'_>,
     head: &mut Option<Box<Head>>,
     now: Instant,
     progress: &mut Progress,
@@ -547,6 +608,9 @@ async fn respond<I: Io, H: Handler>(
         }
     };
     let is_head = method == Method::HEAD;
+    // For the connections view, if the handler has to wait (cheap copies: `Method` is a small
+    // enum for the standard methods, `Uri` shares its bytes).
+    let what = (method.clone(), uri.clone());
     let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
@@ -567,6 +631,10 @@ async fn respond<I: Io, H: Handler>(
     let response = match poll_once(handler.as_mut()).await {
         Some(response) => response,
         None => {
+            let (method, uri) = &what;
+            let target = uri.path_and_query().map_or("", |p| p.as_str());
+            records.tracker.show(Some(format!("{method} {target}").into_boxed_str()));
+            progress.shown = true;
             flush(&shared.io, out).await?;
             match &gone {
                 Some(gone) => handler.or(watch_peer(shared, gone)).await,
@@ -612,7 +680,7 @@ async fn respond<I: Io, H: Handler>(
         let want = stream_want(content_length, chunk.len());
         match poll_once(poll_fn(|cx| body.poll_read_body(cx, &mut chunk[..want]))).await {
             Some(Ok(n)) => first = Some(n),
-            Some(Err(e)) => return Ok(refuse(metrics, out, progress, e, now)),
+            Some(Err(e)) => return Ok(refuse(records.metrics, out, progress, e, now)),
             None => {}
         }
     }
@@ -622,7 +690,7 @@ async fn respond<I: Io, H: Handler>(
         //    whatever the handler said (it saw the error reading the body).
         if let Some(why) = st.error {
             drop(st);
-            return Ok(refuse(metrics, out, progress, Error::BadRequest(why), now));
+            return Ok(refuse(records.metrics, out, progress, Error::BadRequest(why), now));
         }
         let pipelined = st.body.is_done() && st.has_next_request();
         if ctx.close_responses.is_set() && !pipelined {
@@ -670,13 +738,26 @@ async fn respond<I: Io, H: Handler>(
     );
     progress.head_written = true;
     progress.status = Some(status.as_u16());
+    records.tracker.enter(Activity::Writing, now);
 
     // 5. The body.
     match full {
-        Some(bytes) if bytes.len() <= INLINE_BODY => out.extend_from_slice(&bytes),
-        Some(bytes) => write_all(&shared.io, out, &bytes).await?,
+        Some(bytes) if bytes.len() <= INLINE_BODY => {
+            out.extend_from_slice(&bytes);
+            progress.sent = bytes.len() as u64;
+        }
+        Some(bytes) => {
+            write_all(&shared.io, out, &bytes).await?;
+            progress.sent = bytes.len() as u64;
+        }
         None if send_body => {
-            let complete = write_stream(&shared.io, out, &mut body, &mut chunk, first, content_length, chunked).await?;
+            let framing = match content_length {
+                Some(n) => Framing::Length(n),
+                None if chunked => Framing::Chunked,
+                None => Framing::Close,
+            };
+            let complete =
+                write_stream(&shared.io, out, &mut body, &mut chunk, first, framing, &mut progress.sent).await?;
             close |= !complete;
         }
         None => {}
@@ -751,10 +832,14 @@ async fn write_stream<I: Io>(
     body: &mut Body,
     chunk: &mut [u8],
     mut first: Option<usize>,
-    length: Option<u64>,
-    chunked: bool,
+    framing: Framing,
+    sent: &mut u64,
 ) -> Result<bool, Error> {
-    let mut left = length;
+    let chunked = framing == Framing::Chunked;
+    let mut left = match framing {
+        Framing::Length(n) => Some(n),
+        _ => None,
+    };
     loop {
         let n = match first.take() {
             Some(n) => n,
@@ -774,6 +859,7 @@ async fn write_stream<I: Io>(
         if n == 0 {
             break;
         }
+        *sent += n as u64;
         if let Some(left) = &mut left {
             if n as u64 > *left {
                 log::error!("response body is longer than its Content-Length; closing the connection");
@@ -799,6 +885,17 @@ async fn write_stream<I: Io>(
         return Ok(false);
     }
     Ok(true)
+}
+
+/// How a streamed response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Exactly this many bytes (`Content-Length`).
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+    /// By closing the connection (HTTP/1.0 without a length).
+    Close,
 }
 
 /// How much of a streamed body to ask for next: a chunk, or less if fewer bytes are left

@@ -77,18 +77,27 @@ impl<H: Handler> Server<H> {
 
     /// Accepts connections, each a task spawned through `runtime` and kept in `tasks`, until
     /// the context's `close_idle` latch is set; closes the listener (new connections are
-    /// refused from then on), and resolves once every connection has closed.
-    pub(crate) async fn run(self, runtime: &Runtime<'_>, tasks: &Arc<Tasks>) {
+    /// refused from then on), and resolves once every connection has closed, saying how
+    /// many were open then and how long they took.
+    pub(crate) async fn run(self, runtime: &Runtime<'_>, tasks: &Arc<Tasks>) -> Drained {
         let Server { listener, ctx, connections, max_connections } = self;
         let name = listener.name;
         accept_loop(listener, &ctx, &connections, max_connections, runtime, tasks).await;
         let open = connections.count();
-        if open > 0 {
-            log::info!("{name} server: listener closed; draining {open} connection(s)");
-        }
+        let since = std::time::Instant::now();
+        log::debug!("{name} server: listener closed; draining {open} connection(s)");
         connections.wait_below(1).await;
-        log::info!("{name} server: drained");
+        Drained { connections: open, took: since.elapsed() }
     }
+}
+
+/// What a server's drain did.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Drained {
+    /// Connections open when the listener closed.
+    pub(crate) connections: usize,
+    /// Time until the last of them closed.
+    pub(crate) took: Duration,
 }
 
 /// Accepts until the drain starts. Accept errors never end the loop: it backs off and retries.
@@ -102,7 +111,7 @@ async fn accept_loop<H: Handler>(
 ) {
     let stop = ctx.close_idle.clone();
     let mut backoff = None;
-    log::info!("{} server: listening on http://{}", listener.name, listener.addr);
+    log::debug!("{} server: listening on http://{}", listener.name, listener.addr);
     loop {
         // Check, listen, re-check; the listener then serves every wait in this iteration.
         let mut closing = stop.listen();
@@ -128,7 +137,7 @@ async fn accept_loop<H: Handler>(
                 log::trace!("{peer}: accepted");
                 runtime.spawn(tasks, move |place| async move {
                     ctx.metrics.shard(place).accepted();
-                    if AssertUnwindSafe(conn::serve(stream, &ctx, place)).catch_unwind().await.is_err() {
+                    if AssertUnwindSafe(conn::serve(stream, Some(peer), &ctx, place)).catch_unwind().await.is_err() {
                         log::error!("a connection task panicked; its connection is closed");
                     }
                 });
@@ -153,7 +162,7 @@ async fn accept_loop<H: Handler>(
             }
         }
     }
-    log::info!("{} server: stopped accepting", listener.name);
+    log::debug!("{} server: stopped accepting", listener.name);
 }
 
 /// Waits until fewer than `max` connections are open (`Some`), or the drain starts (`None`).
