@@ -30,6 +30,7 @@ SERVERS = {
     "hyper": ("hyper_server", {}),
     "servicegroup": ("sg_server", {}),
     "sg, timeouts off": ("sg_server", {"TIMEOUTS": "off"}),
+    "sg, access log on": ("sg_server", {"ACCESS_LOG": "1"}),
     "sg on the caller's executor": ("sg_server", {"MODE": "executor"}),
     "sg inside run's future": ("sg_server", {"MODE": "inline"}),
 }
@@ -231,8 +232,9 @@ def main():
         idle = {}
         args.skip_callgrind = True
     else:
-        plain = [s for s in SERVERS if s not in mode_servers]
+        plain = [s for s in SERVERS if s == "servicegroup" or s not in mode_servers + ["sg, access log on"]]
         runs = {(s, c): [] for s in plain for c in SCENARIOS}
+        runs[("sg, access log on", keep_alive)] = []
         runs.update({(s, keep_alive): [] for s in ONE_THREAD})
         runs.update({(s, c): [] for s in mode_servers for c in MODE_SCENARIOS})
         idle = {s: [] for s in ("hyper", "servicegroup")}
@@ -283,6 +285,9 @@ def main():
     t_on = med([x["cpu_us"] for x in runs[("servicegroup", "keep-alive, 64 connections")]])
     t_off = med([x["cpu_us"] for x in runs[("sg, timeouts off", "keep-alive, 64 connections")]])
     print(f"\ntimeouts on vs off, keep-alive CPU/request: {t_on:.2f} µs vs {t_off:.2f} µs ({(t_on / t_off - 1) * 100:+.1f}%)")
+    logged = [x["cpu_us"] for x in runs[("sg, access log on", keep_alive)]]
+    print(f"access log on vs off, keep-alive CPU/request: {med(logged):.2f} µs vs {t_on:.2f} µs "
+          f"({(med(logged) / t_on - 1) * 100:+.1f}%; on: {spread(logged)})")
 
     print(f"\n| idle keep-alive connections ({args.idle:,}) | bytes of server RSS per connection | served |")
     print("|---|---:|---:|")
@@ -292,11 +297,13 @@ def main():
     if not args.skip_callgrind:
         print("\n| callgrind, 1 thread, keep-alive | instructions per request |")
         print("|---|---:|")
-        counts = {server: per_request_instructions(server) for server in SERVERS}
+        counted = ["hyper", "servicegroup", "sg, timeouts off", "sg, access log on"]
+        counts = {server: per_request_instructions(server) for server in counted}
         for server, count in counts.items():
             print(f"| {server} | {count:,.0f} |")
         print(f"| **ratio sg/hyper** | **{counts['servicegroup'] / counts['hyper']:.2f}×** |")
         print(f"| timeouts on/off | {counts['servicegroup'] / counts['sg, timeouts off']:.3f}× |")
+        print(f"| access log on/off | {counts['sg, access log on'] / counts['servicegroup']:.3f}× |")
 
 
 if __name__ == "__main__":

@@ -49,9 +49,13 @@ impl End {
     }
 }
 
-/// One exchange's line, filled in as it goes; written when finished, or with `end=cut` if
-/// it is dropped unfinished (the connection's task was cut).
-pub(crate) struct Entry {
+/// One exchange's line, written when finished, or with `end=cut` if it is dropped unfinished
+/// (the connection's task was cut). Boxed, so that an exchange without one holds a pointer
+/// only (the connection's task lives as long as the connection).
+pub(crate) struct Entry(Box<Fields>);
+
+/// What an [`Entry`] knows before the exchange ends.
+struct Fields {
     /// The client.
     peer: Option<SocketAddr>,
     /// Method, target and version, if a head was parsed.
@@ -72,12 +76,12 @@ impl Entry {
         started: Instant,
     ) -> Self {
         let target = uri.path_and_query().map_or_else(|| uri.to_string(), |p| p.as_str().to_owned());
-        Entry { peer, request: Some((method.clone(), target, version)), started, written: false }
+        Entry(Box::new(Fields { peer, request: Some((method.clone(), target, version)), started, written: false }))
     }
 
     /// A request refused before a head was parsed.
     pub(crate) fn refused(peer: Option<SocketAddr>, started: Instant) -> Self {
-        Entry { peer, request: None, started, written: false }
+        Entry(Box::new(Fields { peer, request: None, started, written: false }))
     }
 
     /// Writes the line.
@@ -87,15 +91,15 @@ impl Entry {
 
     /// Formats and logs the line.
     fn write(&mut self, status: Option<u16>, bytes: u64, end: Option<End>) {
-        self.written = true;
-        let line = Line { entry: self, status, bytes, end, micros: self.started.elapsed().as_micros() };
+        self.0.written = true;
+        let line = Line { entry: &self.0, status, bytes, end, micros: self.0.started.elapsed().as_micros() };
         log::info!(target: TARGET, "{line}");
     }
 }
 
 impl Drop for Entry {
     fn drop(&mut self) {
-        if !self.written {
+        if !self.0.written {
             self.write(None, 0, Some(End::Cut));
         }
     }
@@ -104,7 +108,7 @@ impl Drop for Entry {
 /// An entry's fields, formatted when the logger asks.
 struct Line<'a> {
     /// The entry.
-    entry: &'a Entry,
+    entry: &'a Fields,
     /// Status sent, if any.
     status: Option<u16>,
     /// Response body bytes sent.
@@ -159,7 +163,7 @@ mod tests {
     use super::*;
 
     fn line(entry: &Entry, status: Option<u16>, bytes: u64, end: Option<End>) -> String {
-        Line { entry, status, bytes, end, micros: 42 }.to_string()
+        Line { entry: &entry.0, status, bytes, end, micros: 42 }.to_string()
     }
 
     #[test]
@@ -167,9 +171,9 @@ mod tests {
         let peer = Some("127.0.0.1:5000".parse().unwrap());
         let uri: Uri = "/a%20b?x=1".parse().unwrap();
         let mut entry = Entry::new(peer, &Method::POST, &uri, Version::HTTP_11, Instant::now());
-        assert_eq!(entry.request.as_ref().unwrap().1, "/a%20b?x=1");
+        assert_eq!(entry.0.request.as_ref().unwrap().1, "/a%20b?x=1");
         // Targets are quoted and escaped, whatever they hold.
-        entry.request.as_mut().unwrap().1 = "/a%20b?x=\"1\"".into();
+        entry.0.request.as_mut().unwrap().1 = "/a%20b?x=\"1\"".into();
         assert_eq!(
             line(&entry, Some(200), 5, None),
             "peer=127.0.0.1:5000 method=POST path=\"/a%20b?x=\\\"1\\\"\" version=HTTP/1.1 status=200 bytes=5 duration_us=42"
@@ -179,12 +183,12 @@ mod tests {
             "peer=127.0.0.1:5000 method=POST path=\"/a%20b?x=\\\"1\\\"\" version=HTTP/1.1 status=503 bytes=0 duration_us=42 \
              end=write_timeout"
         );
-        entry.written = true;
+        entry.0.written = true;
         let mut refused = Entry::refused(None, Instant::now());
         assert_eq!(
             line(&refused, Some(408), 0, None),
             "peer=- method=- path=- version=- status=408 bytes=0 duration_us=42"
         );
-        refused.written = true;
+        refused.0.written = true;
     }
 }

@@ -119,7 +119,7 @@ pub fn connection(script: Script, max_polls: usize) -> Exchange {
     let output = pipe.output.clone();
     let waker = Waker::from(Arc::new(Noop));
     let mut cx = TaskContext::from_waker(&waker);
-    let mut future = Box::pin(conn::serve(pipe, None, &ctx, 0));
+    let mut future = Box::pin(conn::serve(pipe, None, Arc::new(ctx), 0, ()));
     let mut exchange = Exchange::default();
     while exchange.polls < max_polls {
         exchange.polls += 1;

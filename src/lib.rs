@@ -78,6 +78,50 @@
 //! # }
 //! ```
 //!
+//! # Public API
+//!
+//! Everything public, and why it is:
+//!
+//! - [`run`]: the one-line server; [`Group`]: the same with members ([`Group::add`]),
+//!   debug routes ([`Group::debug_route`]), the bound addresses ([`Group::addr`],
+//!   [`Group::debug_addr`]), a [`Shutdown`] handle, and where to run ([`Group::run`],
+//!   [`Group::run_on`]).
+//! - [`Config`] and the `DEFAULT_*` constants it starts from ([`DEFAULT_ADDR`],
+//!   [`DEFAULT_DEBUG_ADDR`], [`DEFAULT_TIMEOUT`], [`DEFAULT_MAX_HEADER_BYTES`],
+//!   [`DEFAULT_MAX_HEADERS`], [`DEFAULT_MAX_BODY_BYTES`]); [`DRAIN_LIMIT`] and
+//!   [`MAX_PROFILE_SECONDS`], the two fixed limits a user can run into.
+//! - [`Handler`]: what serves requests (any async `Fn(Request<Body>) -> Response<Body>`);
+//!   [`Body`]: request and response bodies; [`http`]: the `http` crate, re-exported so the
+//!   versions match.
+//! - [`Error`], [`Phase`], [`Result`], [`BoxError`]: what can fail, and how to answer it.
+//! - [`Shutdown`]: start a graceful shutdown from code, or wait for one.
+//!
+//! The fuzzing entry points are compiled only with the `fuzzing` feature (for `fuzz/` and
+//! this crate's tests) and are not part of the API.
+//!
+//! # Operability
+//!
+//! With `Config::access_log` (`SERVICEGROUP_ACCESS_LOG=1`) each exchange logs one logfmt line
+//! through the `log` facade, target `servicegroup::access`, level info:
+//!
+//! ```text
+//! peer=10.0.0.7:51234 method=GET path="/work?ms=5" version=HTTP/1.1 status=200 bytes=18 duration_us=5127
+//! peer=10.0.0.7:51240 method=- path=- version=- status=408 bytes=0 duration_us=30001244 end=header_read_timeout
+//! ```
+//!
+//! `bytes` counts response body bytes; `end` appears only when the exchange did not end
+//! normally: `header_read_timeout`, `write_timeout`, `client_gone`, `cut` (by the shutdown
+//! deadline) or `panic`. Headers and bodies are never logged. When off, nothing is built.
+//!
+//! The debug server's `/debug/connections` shows every open service connection: peer, phase
+//! (idle, reading head, in handler, writing, closing; "draining" once the drain waits on it),
+//! the request in flight, how long it has been in that phase, its age and the requests it
+//! served, as an HTML table or, with `?format=json`, JSON (the first 1,000 rows, with totals
+//! per phase over all). Otherwise the crate logs little on its own: one info line at start,
+//! one per served profile, one when the service has drained; per-request events are trace.
+//! (pprof-rs logs "starting/stopping cpu profiler" at info on target `pprof::profiler`;
+//! filter that target in your logger to silence it.)
+//!
 //! # Timeouts
 //!
 //! | phase | `Config` field | on expiry |
@@ -132,7 +176,6 @@ mod supervisor;
 /// the `fuzzing` feature, which the fuzz crate and this crate's own tests turn on, so the
 /// public API (and `cargo doc`) never holds them.
 #[cfg(feature = "fuzzing")]
-#[doc(hidden)]
 #[path = "fuzz.rs"]
 pub mod __fuzz;
 

@@ -48,30 +48,43 @@ impl Runtime<'_> {
     }
 
     /// Spawns the task `make` builds for the place it is given (the least loaded one), and
-    /// keeps it in `tasks` (and counted in its counter) until it ends.
-    pub(crate) fn spawn<F>(&self, tasks: &Arc<Tasks>, make: impl FnOnce(usize) -> F)
+    /// keeps it in `tasks` (and counted in its counter) until the [`Done`] it is handed
+    /// drops. The task must hold that `Done` for its whole life, which is cheaper than a
+    /// wrapper future: a future that awaits one it captured holds it twice over.
+    pub(crate) fn spawn<F>(&self, tasks: &Arc<Tasks>, make: impl FnOnce(usize, Done) -> F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
         let mut inner = tasks.lock();
         let place = inner.least_loaded();
         let entry = inner.tasks.vacant_entry();
-        let key = entry.key();
-        let future = make(place);
-        let done = tasks.clone();
-        let open = tasks.open.guard();
-        let task = async move {
-            future.await;
-            // Forgotten before it stops counting, so a drain that saw zero finds no task.
-            done.finished(key, place);
-            drop(open);
-        };
+        tasks.open.acquire();
+        let done = Done { tasks: tasks.clone(), key: entry.key() as u32, place: place as u32 };
+        let future = make(place, done);
         let task = match self {
-            Runtime::Pool(pool) => pool.executors[place].spawn(task),
-            Runtime::Executor(ex) => ex.spawn(task),
+            Runtime::Pool(pool) => pool.executors[place].spawn(future),
+            Runtime::Executor(ex) => ex.spawn(future),
         };
         entry.insert(task);
         inner.loads[place] += 1;
+    }
+}
+
+/// Held by a spawned task for its whole life; when it drops (the task ended, or was
+/// cancelled), the task is forgotten and stops counting, in that order, so that a drain that
+/// saw zero finds no task left to cut. Small: every idle connection holds one.
+pub(crate) struct Done {
+    /// The registry.
+    tasks: Arc<Tasks>,
+    /// The task's key in it.
+    key: u32,
+    /// Where it runs.
+    place: u32,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.tasks.finished(self.key as usize, self.place as usize);
     }
 }
 
@@ -117,13 +130,17 @@ impl Tasks {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A task ended by itself: forget its handle (detaching, since it is this very task).
+    /// A task ended, or was cut: forget its handle if it is still kept (detaching: it is
+    /// this very task), then stop counting it.
     fn finished(&self, key: usize, place: usize) {
-        let mut inner = self.lock();
-        if let Some(task) = inner.tasks.try_remove(key) {
-            inner.loads[place] -= 1;
-            task.detach();
+        {
+            let mut inner = self.lock();
+            if let Some(task) = inner.tasks.try_remove(key) {
+                inner.loads[place] -= 1;
+                task.detach();
+            }
         }
+        self.open.release();
     }
 
     /// Cancels every task still running and waits until each has stopped (its future
@@ -229,13 +246,17 @@ mod tests {
         let (stopped, finished) = (Counter::default(), Counter::default());
         for _ in 0..3 {
             let guard = stopped.guard();
-            runtime.spawn(&tasks, |_| async move {
+            runtime.spawn(&tasks, |_, done| async move {
+                let _done = done;
                 let _guard = guard;
                 futures_lite::future::pending::<()>().await;
             });
         }
         let guard = finished.guard();
-        runtime.spawn(&tasks, |_| async move { drop(guard) });
+        runtime.spawn(&tasks, |_, done| async move {
+            let _done = done;
+            drop(guard)
+        });
         block_on(ex.run(async {
             finished.wait_below(1).await;
             assert_eq!(tasks.lock().tasks.len(), 3, "the finished task removed itself");

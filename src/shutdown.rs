@@ -34,9 +34,13 @@ struct LatchInner {
 pub(crate) struct Slot {
     /// The latch.
     latch: Latch,
-    /// The slot index, once registered.
-    index: Option<usize>,
+    /// The slot index once registered; [`UNREGISTERED`] before (a plain `usize`: thousands of
+    /// idle connections each hold one).
+    index: usize,
 }
+
+/// A [`Slot`]'s index before it is registered.
+const UNREGISTERED: usize = usize::MAX;
 
 impl Slot {
     /// Ready once the latch is set; otherwise keeps `cx`'s waker in the slot.
@@ -46,8 +50,10 @@ impl Slot {
         }
         {
             let mut slots = self.latch.0.slots.lock().unwrap_or_else(PoisonError::into_inner);
-            let index = *self.index.get_or_insert_with(|| slots.insert(None));
-            match &mut slots[index] {
+            if self.index == UNREGISTERED {
+                self.index = slots.insert(None);
+            }
+            match &mut slots[self.index] {
                 Some(waker) if waker.will_wake(cx.waker()) => {}
                 slot => *slot = Some(cx.waker().clone()),
             }
@@ -63,8 +69,8 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(index) = self.index {
-            self.latch.0.slots.lock().unwrap_or_else(PoisonError::into_inner).try_remove(index);
+        if self.index != UNREGISTERED {
+            self.latch.0.slots.lock().unwrap_or_else(PoisonError::into_inner).try_remove(self.index);
         }
     }
 }
@@ -86,7 +92,7 @@ impl Latch {
 
     /// A long-lived place to wait on this latch (see [`Slot`]).
     pub(crate) fn slot(&self) -> Slot {
-        Slot { latch: self.clone(), index: None }
+        Slot { latch: self.clone(), index: UNREGISTERED }
     }
 
     /// Whether the latch is set.
@@ -179,6 +185,17 @@ impl Counter {
     pub(crate) fn guard(&self) -> Guard {
         self.0.count.fetch_add(1, Ordering::SeqCst);
         Guard(self.0.clone())
+    }
+
+    /// Counts one more, without a guard: the caller calls [`Counter::release`] once for it.
+    pub(crate) fn acquire(&self) {
+        self.0.count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Counts one less (see [`Counter::acquire`]), waking the waiters.
+    pub(crate) fn release(&self) {
+        self.0.count.fetch_sub(1, Ordering::SeqCst);
+        self.0.dropped.notify(usize::MAX);
     }
 
     /// Live guards now.

@@ -139,13 +139,22 @@ in_every_runtime! {
 /// Asks for a 60 s profile on a new connection; returns once it holds the profiler.
 #[cfg(feature = "pprof")]
 fn start_long_profile(debug: SocketAddr) -> std::net::TcpStream {
-    let mut stream = connect(debug);
-    stream.write_all(&get("/debug/pprof/profile?seconds=60")).unwrap();
-    eventually("the long profile holds the profiler", || {
-        fetch(debug, "/debug/pprof/cmdline").status == 200
-            && fetch(debug, "/debug/pprof/flamegraph?seconds=1").status == 409
-    });
-    stream
+    let start = Instant::now();
+    loop {
+        assert!(start.elapsed() < common::PATIENCE, "the long profile never got the profiler");
+        let mut stream = connect(debug);
+        stream.write_all(&get("/debug/pprof/profile?seconds=60")).unwrap();
+        // Let the server read it first, so the probe below rarely takes the profiler instead.
+        std::thread::sleep(Duration::from_millis(50));
+        // Only the long profile can hold the profiler now (tests that profile take turns).
+        if fetch(debug, "/debug/pprof/flamegraph?seconds=1").status == 409 {
+            return stream;
+        }
+        // The probe won the race: the long profile was refused, or started after the probe;
+        // dropping its connection stops it. Try again once the profiler is free.
+        drop(stream);
+        eventually("the profiler is free", || fetch(debug, "/debug/pprof/flamegraph?seconds=1").status == 200);
+    }
 }
 
 in_every_runtime! {

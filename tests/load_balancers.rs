@@ -26,6 +26,9 @@ const FALL: u64 = 2;
 /// interval times the fall count, as the README recommends.
 const DRAIN_DELAY_MS: u64 = 500;
 
+/// nginx's upstream keep-alive timeout: below the drain delay.
+const NGINX_KEEPALIVE_MS: u64 = DRAIN_DELAY_MS / 2;
+
 /// Keep-alive clients sending through the proxy.
 const CLIENTS: usize = 12;
 
@@ -104,20 +107,22 @@ fn haproxy(front: u16, backends: &[Backend], dir: &std::path::Path) -> Proxy {
     start_proxy("haproxy", &["-db".as_ref(), "-f".as_ref(), path.as_os_str()], front)
 }
 
-/// nginx (open source: no active health checks): upstream keep-alive, the next upstream on a
-/// refused connection, the upstream's address in `X-Backend`.
+/// nginx (open source: no active health checks): upstream keep-alive with an idle timeout
+/// shorter than the drain delay (so nginx has dropped its idle connections to a draining
+/// server before that server closes them), the next upstream on a refused connection (safe
+/// for any method: nothing was sent), servers never marked down (`max_fails=0`: a server
+/// being restarted costs a refused connect, and never leaves nginx with no live upstream),
+/// the upstream's address in `X-Backend`.
 fn nginx(front: u16, backends: &[Backend], dir: &std::path::Path) -> Proxy {
-    let servers: String = backends
-        .iter()
-        .map(|b| format!("        server 127.0.0.1:{} max_fails=1 fail_timeout=1s;\n", b.port))
-        .collect();
+    let servers: String =
+        backends.iter().map(|b| format!("        server 127.0.0.1:{} max_fails=0;\n", b.port)).collect();
     let d = dir.display();
     let config = format!(
         "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\n\
          events {{ worker_connections 1024; }}\n\
          http {{\n    access_log off;\n    client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n    \
          fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n    \
-         upstream app {{\n{servers}        keepalive 32;\n    }}\n    \
+         upstream app {{\n{servers}        keepalive 32;\n        keepalive_timeout {NGINX_KEEPALIVE_MS}ms;\n    }}\n    \
          server {{\n        listen 127.0.0.1:{front};\n        location / {{\n            \
          proxy_pass http://app;\n            proxy_http_version 1.1;\n            \
          proxy_set_header Connection \"\";\n            proxy_next_upstream error timeout;\n            \

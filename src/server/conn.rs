@@ -14,6 +14,7 @@
 //! the connection's shared read state ([`Shared`]), so the handler can stream it, and the
 //! connection gets the rest back afterwards to drain it (up to [`DRAIN_LIMIT`]) for reuse.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::{SocketAddr, TcpStream};
 use std::panic::AssertUnwindSafe;
@@ -150,14 +151,22 @@ pub(crate) struct Context<H> {
 }
 
 /// Serves one connection from `peer`, running in place `place` of the runtime (its metrics
-/// shard), until it closes; returns why it closed, if not cleanly.
-pub(crate) async fn serve<I: Io, H: Handler>(
+/// shard), until it closes; holds `done` until then. A panic in the connection loop closes
+/// the connection.
+///
+/// Everything is built before the returned future starts, and the future holds the
+/// connection once: an idle connection's task is this future, so every byte in it counts
+/// (a future that moves what it captured into a local holds both).
+pub(crate) fn serve<I: Io, H: Handler>(
     io: I,
     peer: Option<SocketAddr>,
-    ctx: &Context<H>,
+    ctx: Arc<Context<H>>,
     place: usize,
-) -> Result<(), Error> {
+    done: impl Send + 'static,
+) -> impl Future<Output = ()> + Send {
+    ctx.metrics.shard(place).accepted();
     let deadline = ctx.clock.deadline(peer, ctx.settings.listed);
+    let drain = ctx.close_idle.slot();
     let mut conn = Conn {
         shared: Arc::new(Shared {
             io,
@@ -172,21 +181,23 @@ pub(crate) async fn serve<I: Io, H: Handler>(
             }),
         }),
         ctx,
-        metrics: ctx.metrics.shard(place),
+        place,
         tracker: deadline.tracker(),
-        peer,
         deadline,
         out: Vec::new(),
-        drain: ctx.close_idle.slot(),
+        drain,
         head: None,
         now: Instant::now(),
     };
-    let result = conn.run().await;
-    match &result {
-        Err(e) => log::trace!("{}: closed: {e}", conn.peer()),
-        Ok(()) => log::trace!("{}: closed", conn.peer()),
+    async move {
+        match AssertUnwindSafe(conn.run()).catch_unwind().await {
+            Ok(Err(e)) => log::trace!("{}: closed: {e}", conn.peer()),
+            Ok(Ok(())) => log::trace!("{}: closed", conn.peer()),
+            Err(_) => log::error!("{}: the connection loop panicked; its connection is closed", conn.peer()),
+        }
+        drop(conn);
+        drop(done);
     }
-    result
 }
 
 /// What the connection does after an exchange.
@@ -210,17 +221,15 @@ enum Wait {
 }
 
 /// One connection's loop state.
-struct Conn<'a, I: Io, H> {
+struct Conn<I: Io, H> {
     /// The stream and the read side, shared with the current request body.
     shared: Arc<Shared<I>>,
     /// The server's shared context.
-    ctx: &'a Context<H>,
-    /// This connection's metrics shard.
-    metrics: &'a Shard,
-    /// What the connections view shows of it.
+    ctx: Arc<Context<H>>,
+    /// The runtime place it runs in: its metrics shard.
+    place: usize,
+    /// What the connections view shows of it (and the client's address, for logs).
     tracker: Tracker,
-    /// The client, for logs.
-    peer: Option<SocketAddr>,
     /// This connection's deadline, swept by the server's clock.
     deadline: Deadline,
     /// Encoded response bytes not yet written; pipelined responses gather here.
@@ -236,10 +245,15 @@ struct Conn<'a, I: Io, H> {
     now: Instant,
 }
 
-impl<I: Io, H: Handler> Conn<'_, I, H> {
+impl<I: Io, H: Handler> Conn<I, H> {
+    /// This connection's metrics shard.
+    fn metrics(&self) -> &Shard {
+        self.ctx.metrics.shard(self.place)
+    }
+
     /// The client's address, for logs.
     fn peer(&self) -> String {
-        self.peer.map_or_else(|| "unknown peer".into(), |a| a.to_string())
+        self.tracker.peer().map_or_else(|| "unknown peer".into(), |a| a.to_string())
     }
 
     /// The keep-alive loop.
@@ -279,15 +293,15 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                 Ok(false) => return Ok(()),
                 Err(HeadError::Invalid(e)) => {
                     let status = self.reject(e);
-                    self.log_refused(status);
+                    self.log_refused(status, None);
                     Box::pin(self.linger()).await;
                     return Ok(());
                 }
                 Err(HeadError::TimedOut { partial }) => {
                     let e = self.timed_out(Phase::HeaderRead);
                     if partial {
-                        self.metrics.response(408);
-                        self.log_refused(408);
+                        self.metrics().response(408);
+                        self.log_refused(408, Some(access::End::TimedOut(Phase::HeaderRead)));
                         let message = "the request head took longer than the server's header read timeout";
                         encode::encode_error(
                             &mut self.out,
@@ -302,7 +316,8 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
                 Err(HeadError::Io(e)) => return Err(e.into()),
             };
             // 3. The exchange, under the write deadline.
-            match self.exchange().await? {
+            // Boxed: an idle connection's task then holds none of the exchange's state.
+            match Box::pin(self.exchange()).await? {
                 Next::KeepAlive => {}
                 Next::Close => return Ok(()),
                 Next::Linger => {
@@ -315,7 +330,7 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
 
     /// Counts and logs an expired timeout; returns the error that closes the connection.
     fn timed_out(&self, phase: Phase) -> Error {
-        self.metrics.timed_out(phase);
+        self.metrics().timed_out(phase);
         let e = Error::TimedOut(phase);
         log::debug!("{}: {e}", self.peer());
         e
@@ -434,24 +449,24 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
     fn reject(&mut self, e: DecodeError) -> u16 {
         let status = decode_status(&e);
         log::debug!("{}: refused a request with {status}: {}", self.peer(), e.reason());
-        self.metrics.rejected(Reject::from(&e));
-        self.metrics.response(status.as_u16());
+        self.metrics().rejected(Reject::from(&e));
+        self.metrics().response(status.as_u16());
         encode::encode_error(&mut self.out, status, e.reason(), &date(self.now));
         status.as_u16()
     }
 
     /// The access-log line of a request refused before its head was parsed.
-    fn log_refused(&self, status: u16) {
+    fn log_refused(&self, status: u16, end: Option<access::End>) {
         if self.ctx.settings.access_log {
-            access::Entry::refused(self.peer, self.now).finish(Some(status), 0, None);
+            access::Entry::refused(self.tracker.peer(), self.now).finish(Some(status), 0, end);
         }
     }
 
     /// Runs one exchange (body, handler, response) under the write deadline, catching panics.
     async fn exchange(&mut self) -> Result<Next, Error> {
         let started = self.now;
-        let ctx = self.ctx;
-        let metrics = self.metrics;
+        let ctx = &*self.ctx;
+        let metrics = ctx.metrics.shard(self.place);
         metrics.request_started();
         self.deadline.set(after(started, ctx.settings.write_timeout));
         self.tracker.enter(Activity::InHandler, started);
@@ -459,7 +474,9 @@ impl<I: Io, H: Handler> Conn<'_, I, H> {
         // Built only when the access log is on; written when the exchange ends (with
         // `end=cut` if this future is dropped first).
         let entry = match (&self.head, ctx.settings.access_log) {
-            (Some(head), true) => Some(access::Entry::new(self.peer, &head.method, &head.uri, head.version, started)),
+            (Some(head), true) => {
+                Some(access::Entry::new(self.tracker.peer(), &head.method, &head.uri, head.version, started))
+            }
             _ => None,
         };
         let mut progress = Progress::default();
@@ -633,7 +650,7 @@ async fn respond<I: Io, H: Handler>(
         None => {
             let (method, uri) = &what;
             let target = uri.path_and_query().map_or("", |p| p.as_str());
-            records.tracker.show(Some(format!("{method} {target}").into_boxed_str()));
+            records.tracker.show(Some(format!("{method} {target}")));
             progress.shown = true;
             flush(&shared.io, out).await?;
             match &gone {

@@ -5,7 +5,6 @@ pub(crate) mod clock;
 pub(crate) mod conn;
 
 use std::net::{SocketAddr, TcpListener};
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -135,12 +134,7 @@ async fn accept_loop<H: Handler>(
                 let _ = stream.get_ref().set_nodelay(true);
                 let ctx = ctx.clone();
                 log::trace!("{peer}: accepted");
-                runtime.spawn(tasks, move |place| async move {
-                    ctx.metrics.shard(place).accepted();
-                    if AssertUnwindSafe(conn::serve(stream, Some(peer), &ctx, place)).catch_unwind().await.is_err() {
-                        log::error!("a connection task panicked; its connection is closed");
-                    }
-                });
+                runtime.spawn(tasks, move |place, done| conn::serve(stream, Some(peer), ctx, place, done));
             }
             Some(Err(e)) => {
                 let pause = backoff.map_or(ACCEPT_BACKOFF_MIN, |d: Duration| (d * 2).min(ACCEPT_BACKOFF_MAX));

@@ -2,6 +2,7 @@
 //! and a raw-socket client that reads responses byte-exactly.
 #![allow(dead_code)]
 
+pub mod logs;
 pub mod process;
 
 use std::io::{self, Read, Write};

@@ -1,16 +1,43 @@
 //! servicegroup answering every request with `hello`, with its default timeouts on
 //! (`TIMEOUTS=off` switches all three off, to measure what they cost).
 //!
-//! Environment: `PORT` (default 3000), `THREADS` (default 2), `TIMEOUTS`, and `MODE`, where
+//! Environment: `PORT` (default 3000), `THREADS` (default 2), `TIMEOUTS`, `ACCESS_LOG=1` (the
+//! access log on, written through a per-thread 64 KiB buffer to stderr, as a production
+//! access log is buffered), and `MODE`, where
 //! the connections run (the crate docs' table of runtimes):
 //! - `threads` (default): `Group::run` on `THREADS` threads of the group's own;
 //! - `executor`: `Group::run_on` an application `Executor` run by `THREADS` threads;
 //! - `inline`: `Group::run` with `threads = 0`, under `smol::block_on` on the main thread.
 
+use std::io::Write;
 use std::sync::Arc;
 
 use servicegroup::http::{Request, Response};
 use servicegroup::{Body, Config, Group};
+
+/// Writes records through a per-thread buffer to stderr.
+struct BufferedStderr;
+
+thread_local! {
+    static OUT: std::cell::RefCell<std::io::BufWriter<std::io::Stderr>> =
+        std::cell::RefCell::new(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
+}
+
+impl log::Log for BufferedStderr {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Info
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            OUT.with(|out| {
+                let _ = writeln!(out.borrow_mut(), "{}", record.args());
+            });
+        }
+    }
+
+    fn flush(&self) {}
+}
 
 fn main() {
     let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(3000);
@@ -24,6 +51,11 @@ fn main() {
         config.header_read_timeout = None;
         config.write_timeout = None;
         config.idle_timeout = None;
+    }
+    if std::env::var("ACCESS_LOG").as_deref() == Ok("1") {
+        config.access_log = true;
+        log::set_logger(&BufferedStderr).unwrap();
+        log::set_max_level(log::LevelFilter::Info);
     }
     config.shutdown_timeout = std::time::Duration::from_secs(1);
     let group = Group::new(|_req: Request<Body>| async { Response::new(Body::from("hello")) }, config).unwrap();
