@@ -204,7 +204,9 @@ impl Group {
     /// [`Group::run`], with every connection task spawned on `ex`, so that an application
     /// already running an executor on its threads shares them with the server. The
     /// accept loops, the supervisor, deadlines and the drain run inside this future; spawn it
-    /// on `ex` too, or await it anywhere. `Config::threads` is not used.
+    /// on `ex` too, or await it anywhere else, as long as something runs `ex` (its threads,
+    /// or `ex.run(..)`): connections, and cutting them at the shutdown deadline, need it.
+    /// `Config::threads` is not used.
     ///
     /// ```
     /// # fn main() -> servicegroup::Result<()> {
