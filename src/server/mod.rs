@@ -3,6 +3,8 @@
 
 pub(crate) mod clock;
 pub(crate) mod conn;
+mod exchange;
+mod stream;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;

@@ -1,0 +1,419 @@
+//! One exchange: the request handed to the handler, the response framed and written, what the
+//! handler left of the request body drained. Runs under the connection's write deadline
+//! (`conn.rs` races it); holds no clock of its own.
+
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Instant;
+
+use futures_lite::future::{poll_fn, poll_once};
+use futures_lite::FutureExt;
+use http::header::{self, HeaderMap};
+use http::{Method, Request, StatusCode, Version};
+
+use super::clock::{Activity, Tracker};
+use super::conn::{date, Context, Next, PeerGone, DRAIN_LIMIT};
+use super::stream::{flush, write_all, Continue, Io, Shared, OUT_POOL};
+use crate::body::{Body, Incoming};
+use crate::error::Error;
+use crate::h1::decode::{BodyDecoder, BodyLength, Head};
+use crate::h1::encode::{self, Connection, ResponseHead, CONTINUE, CRLF, LAST_CHUNK};
+use crate::handler::Handler;
+use crate::metrics::{Reject, Shard};
+
+/// Response bytes held back while pipelined requests are waiting, before a flush is forced.
+const FLUSH_AT: usize = 64 * 1024;
+
+/// Response bodies up to this size are copied next to the head (one write); larger ones are
+/// written from their own memory with a vectored write.
+const INLINE_BODY: usize = 16 * 1024;
+
+/// Bytes read per chunk of a streamed response body.
+const STREAM_CHUNK: usize = 16 * 1024;
+
+/// What an exchange left behind when it ended, even if cut short.
+#[derive(Debug, Default)]
+pub(super) struct Progress {
+    /// Whether any of the response head went into the output buffer.
+    pub(super) head_written: bool,
+    /// The status sent, for metrics.
+    pub(super) status: Option<u16>,
+    /// Response body bytes written, for the access log.
+    pub(super) sent: u64,
+    /// Whether the exchange shows in the connections view (to clear it after).
+    pub(super) shown: bool,
+}
+
+/// Where an exchange records what happens: its connection's metrics shard and tracker.
+pub(super) struct Records<'a> {
+    /// The metrics shard.
+    pub(super) metrics: &'a Shard,
+    /// The connections view's slot.
+    pub(super) tracker: &'a Tracker,
+}
+
+/// One exchange: hand the request to the handler, decide the framing, write the response, and
+/// drain what the handler left of the request body. Every await here is under the write
+/// deadline, and the whole future is dropped if it passes.
+pub(super) async fn respond<I: Io, H: Handler>(
+    shared: &Arc<Shared<I>>,
+    out: &mut Vec<u8>,
+    ctx: &Context<H>,
+    records: &Records<'_>,
+    head: &mut Option<Box<Head>>,
+    now: Instant,
+    progress: &mut Progress,
+) -> Result<Next, Error> {
+    let Some(head) = head.take() else { return Ok(Next::Close) };
+    let Head { method, uri, version, headers, body: length, keep_alive, expect_continue } = *head;
+    let request = {
+        let mut st = shared.lock();
+        st.request += 1;
+        st.body = BodyDecoder::new(length);
+        st.expect = if expect_continue { Continue::Waiting } else { Continue::None };
+        st.head_started = false;
+        st.request
+    };
+    let body = match length {
+        BodyLength::Length(0) => Body::empty(),
+        BodyLength::Length(n) => Body::incoming(
+            Incoming { source: shared.clone(), request, remaining: Some(n) },
+            ctx.settings.max_body_bytes,
+        ),
+        BodyLength::Chunked => {
+            Body::incoming(Incoming { source: shared.clone(), request, remaining: None }, ctx.settings.max_body_bytes)
+        }
+    };
+    let is_head = method == Method::HEAD;
+    // For the connections view, if the handler has to wait (cheap copies: `Method` is a small
+    // enum for the standard methods, `Uri` shares its bytes).
+    let what = (method.clone(), uri.clone());
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    *req.headers_mut() = headers;
+    let gone = ctx.settings.watch_peer.then(PeerGone::default);
+    if let Some(gone) = &gone {
+        req.extensions_mut().insert(gone.clone());
+    }
+
+    // 1. The handler. The body's 100 Continue is written by the body itself, so nothing else
+    //    may be waiting in `out` then; otherwise pipelined responses leave as soon as the
+    //    handler has to wait.
+    if expect_continue {
+        flush(&shared.io, out).await?;
+    }
+    let mut handler = pin!(ctx.handler.call(req));
+    let response = match poll_once(handler.as_mut()).await {
+        Some(response) => response,
+        None => {
+            let (method, uri) = &what;
+            let target = uri.path_and_query().map_or("", |p| p.as_str());
+            records.tracker.show(Some(format!("{method} {target}")));
+            progress.shown = true;
+            flush(&shared.io, out).await?;
+            match &gone {
+                Some(gone) => handler.or(watch_peer(shared, gone)).await,
+                None => handler.await,
+            }
+        }
+    };
+
+    // 2. Framing (RFC 9112 §6.1-6.3) and persistence (§9.3).
+    let (parts, mut body) = response.into_parts();
+    let status = parts.status;
+    let declared = declared_length(&parts.headers);
+    let mut close = !keep_alive || asks_close(&parts.headers) || status.is_informational();
+    let bodiless = status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let (content_length, chunked, send_body) = if bodiless {
+        (declared.filter(|_| status == StatusCode::NOT_MODIFIED), false, false)
+    } else if is_head {
+        let length = match body.len() {
+            Some(n) if n > 0 => Some(n),
+            known => declared.or(known),
+        };
+        (length, false, false)
+    } else {
+        match body.len().or(declared) {
+            Some(n) => (Some(n), false, true),
+            None if version == Version::HTTP_11 => (None, true, true),
+            None => {
+                close = true; // HTTP/1.0: the end of the body is the end of the connection
+                (None, false, true)
+            }
+        }
+    };
+    let echo = body.incoming_request() == Some(request) && send_body;
+
+    // 3. A streamed body's first bytes are read before the head is written, so a body that
+    //    fails at once (a broken request body echoed back, a failing reader) still gets an
+    //    error response. If they are not ready yet, the head goes out first.
+    let full = if send_body { body.take_full() } else { None };
+    let mut chunk = Vec::new();
+    let mut first = None;
+    if send_body && full.is_none() {
+        chunk = vec![0u8; STREAM_CHUNK];
+        let want = stream_want(content_length, chunk.len());
+        match poll_once(poll_fn(|cx| body.poll_read_body(cx, &mut chunk[..want]))).await {
+            Some(Ok(n)) => first = Some(n),
+            Some(Err(e)) => return Ok(refuse(records.metrics, out, progress, e, now)),
+            None => {}
+        }
+    }
+    {
+        let mut st = shared.lock();
+        // 4. A request body with broken framing leaves the connection unusable: answer 400
+        //    whatever the handler said (it saw the error reading the body).
+        if let Some(why) = st.error {
+            drop(st);
+            return Ok(refuse(records.metrics, out, progress, Error::BadRequest(why), now));
+        }
+        let pipelined = st.body.is_done() && st.has_next_request();
+        if ctx.close_responses.is_set() && !pipelined {
+            // Shutting down: this is the last response, unless more requests are already here.
+            close = true;
+        }
+        if !st.body.is_done() {
+            match st.expect {
+                // Finish a 100 Continue the body started writing.
+                Continue::Sending(n) => {
+                    out.extend_from_slice(&CONTINUE[usize::from(n)..]);
+                    st.expect = Continue::Sent;
+                }
+                // The client holds its body back and was never asked for it.
+                Continue::Waiting => close = true,
+                _ => {}
+            }
+            if !echo && st.body.remaining().is_some_and(|n| n > DRAIN_LIMIT) {
+                close = true;
+            }
+        }
+        st.head_started = true;
+    }
+    let connection = if close {
+        Connection::Close
+    } else if version == Version::HTTP_10 {
+        Connection::KeepAlive
+    } else {
+        Connection::Default
+    };
+    if out.capacity() == 0 {
+        *out = OUT_POOL.with(|pool| pool.borrow_mut().pop()).unwrap_or_default();
+    }
+    let date = date(now);
+    encode::encode_head(
+        out,
+        &ResponseHead {
+            status,
+            headers: &parts.headers,
+            content_length,
+            chunked,
+            connection,
+            date: (!parts.headers.contains_key(header::DATE)).then_some(&date),
+        },
+    );
+    progress.head_written = true;
+    progress.status = Some(status.as_u16());
+    records.tracker.enter(Activity::Writing, now);
+
+    // 5. The body.
+    match full {
+        Some(bytes) if bytes.len() <= INLINE_BODY => {
+            out.extend_from_slice(&bytes);
+            progress.sent = bytes.len() as u64;
+        }
+        Some(bytes) => {
+            write_all(&shared.io, out, &bytes).await?;
+            progress.sent = bytes.len() as u64;
+        }
+        None if send_body => {
+            let framing = match content_length {
+                Some(n) => Framing::Length(n),
+                None if chunked => Framing::Chunked,
+                None => Framing::Close,
+            };
+            let complete =
+                write_stream(&shared.io, out, &mut body, &mut chunk, first, framing, &mut progress.sent).await?;
+            close |= !complete;
+        }
+        None => {}
+    }
+    drop(body);
+
+    // 6. Drain what the handler left of the request body, so the connection can be reused.
+    if !close && !matches!(drain_body(shared).await, Ok(true)) {
+        close = true;
+    }
+
+    // 7. Flush, unless the next pipelined request is already here and little is waiting.
+    let (body_done, buffered) = {
+        let mut st = shared.lock();
+        let done = st.body.is_done();
+        (done, done && st.has_next_request())
+    };
+    if close || !(body_done && buffered) || out.len() >= FLUSH_AT {
+        flush(&shared.io, out).await?;
+    }
+    Ok(match close {
+        false => Next::KeepAlive,
+        // The client has nothing more to send: no need to linger.
+        true if body_done && !buffered => Next::Close,
+        true => Next::Linger,
+    })
+}
+
+/// Sets `gone` if the client closes its side while the handler runs; never resolves. Reads
+/// only once the request body is done (the body belongs to the handler until then), and stops
+/// at the first byte of a pipelined request: a client still sending is still there.
+async fn watch_peer<I: Io, T>(shared: &Shared<I>, gone: &PeerGone) -> T {
+    let mut watching = true;
+    poll_fn(|cx| {
+        if watching {
+            let mut st = shared.lock();
+            if st.body.is_done() {
+                match shared.poll_fill_locked(&mut st, cx) {
+                    // The end of the stream, or a reset.
+                    Poll::Ready(Ok(0) | Err(_)) => {
+                        gone.0.set();
+                        watching = false;
+                    }
+                    Poll::Ready(Ok(_)) => watching = false,
+                    Poll::Pending => {}
+                }
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// The handler's `Content-Length`, if it set a valid one.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// Whether the handler's `Connection` field says `close`.
+fn asks_close(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")))
+}
+
+/// Streams `body` after the head in `out`: chunked, or exactly `length` bytes. Returns false
+/// if the body did not match its declared length (the connection must close).
+async fn write_stream<I: Io>(
+    io: &I,
+    out: &mut Vec<u8>,
+    body: &mut Body,
+    chunk: &mut [u8],
+    mut first: Option<usize>,
+    framing: Framing,
+    sent: &mut u64,
+) -> Result<bool, Error> {
+    let chunked = framing == Framing::Chunked;
+    let mut left = match framing {
+        Framing::Length(n) => Some(n),
+        _ => None,
+    };
+    loop {
+        let n = match first.take() {
+            Some(n) => n,
+            None => {
+                let want = stream_want(left, chunk.len());
+                // Never wait for the body while holding the head (or a 100 Continue) back.
+                let mut read = pin!(poll_fn(|cx| body.poll_read_body(cx, &mut chunk[..want])));
+                match poll_once(read.as_mut()).await {
+                    Some(n) => n?,
+                    None => {
+                        flush(io, out).await?;
+                        read.await?
+                    }
+                }
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        *sent += n as u64;
+        if let Some(left) = &mut left {
+            if n as u64 > *left {
+                log::error!("response body is longer than its Content-Length; closing the connection");
+                flush(io, out).await?;
+                return Ok(false);
+            }
+            *left -= n as u64;
+            write_all(io, out, &chunk[..n]).await?;
+        } else if chunked {
+            encode::encode_chunk_size(out, n);
+            out.extend_from_slice(&chunk[..n]);
+            out.extend_from_slice(CRLF);
+            flush(io, out).await?;
+        } else {
+            write_all(io, out, &chunk[..n]).await?;
+        }
+    }
+    if chunked {
+        out.extend_from_slice(LAST_CHUNK);
+    }
+    if left.is_some_and(|left| left > 0) {
+        log::error!("response body is shorter than its Content-Length; closing the connection");
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// How a streamed response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Exactly this many bytes (`Content-Length`).
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+    /// By closing the connection (HTTP/1.0 without a length).
+    Close,
+}
+
+/// How much of a streamed body to ask for next: a chunk, or less if fewer bytes are left
+/// (asking one past a declared length finds bodies that are too long).
+fn stream_want(left: Option<u64>, chunk: usize) -> usize {
+    left.map_or(chunk, |left| left.min(chunk as u64) as usize).max(1)
+}
+
+/// Answers with an error instead of the handler's response: 400 for a broken request body,
+/// 500 for any other failure before the response started. The connection then closes.
+fn refuse(metrics: &Shard, out: &mut Vec<u8>, progress: &mut Progress, e: Error, now: Instant) -> Next {
+    let status = if matches!(e, Error::BadRequest(_)) {
+        metrics.rejected(Reject::BadRequest);
+        StatusCode::BAD_REQUEST
+    } else {
+        log::error!("response body failed before it was sent: {e}; answering 500");
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    progress.head_written = true;
+    progress.status = Some(status.as_u16());
+    encode::encode_error(out, status, &e.to_string(), &date(now));
+    Next::Linger
+}
+
+/// Reads and discards the rest of the request body, up to [`DRAIN_LIMIT`] bytes. Returns
+/// whether the body ended (the connection can be reused).
+async fn drain_body<I: Io>(shared: &Shared<I>) -> Result<bool, Error> {
+    let mut budget = DRAIN_LIMIT;
+    loop {
+        let drained = poll_fn(|cx| {
+            let mut st = shared.lock();
+            shared.poll_decode(&mut st, cx, None, budget)
+        })
+        .await?;
+        if drained == 0 {
+            return Ok(true);
+        }
+        budget = budget.saturating_sub(drained as u64);
+        if budget == 0 {
+            return Ok(shared.lock().body.is_done());
+        }
+    }
+}
