@@ -42,6 +42,7 @@ impl End {
             End::TimedOut(Phase::HeaderRead) => "header_read_timeout",
             End::TimedOut(Phase::Write) => "write_timeout",
             End::TimedOut(Phase::Idle) => "idle_timeout",
+            End::TimedOut(Phase::Upgraded) => "upgraded_idle_timeout",
             End::ClientGone => "client_gone",
             End::Cut => "cut",
             End::Panicked => "panic",

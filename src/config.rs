@@ -65,6 +65,12 @@ pub struct Config {
     /// Time a keep-alive connection may wait for its next request to start before it is
     /// closed (`SERVICEGROUP_IDLE_TIMEOUT_MS`, 0 = off).
     pub idle_timeout: Option<Duration>,
+    /// Time an upgraded connection (a WebSocket, a `CONNECT` tunnel; see
+    /// [`upgrade`](crate::upgrade)) may go without a byte read or written before it is closed
+    /// (`SERVICEGROUP_UPGRADED_IDLE_TIMEOUT_MS`, 0 = off). Default off: once upgraded, the
+    /// protocol owns its liveness (WebSocket pings, say) and the other timeouts no longer
+    /// apply; set this so a dead peer cannot hold a connection forever.
+    pub upgraded_idle_timeout: Option<Duration>,
     /// How long a graceful shutdown may drain before the remaining connections and members are
     /// cut (`SERVICEGROUP_SHUTDOWN_TIMEOUT_MS`). Counted from the end of `drain_delay`. Zero
     /// cuts whatever is open at once; a drain that cuts nothing is never an error.
@@ -107,6 +113,7 @@ impl Default for Config {
             header_read_timeout: Some(DEFAULT_TIMEOUT),
             write_timeout: Some(DEFAULT_TIMEOUT),
             idle_timeout: Some(DEFAULT_TIMEOUT),
+            upgraded_idle_timeout: None,
             shutdown_timeout: DEFAULT_TIMEOUT,
             drain_delay: Duration::ZERO,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
@@ -130,6 +137,7 @@ impl Config {
     /// | `SERVICEGROUP_HEADER_READ_TIMEOUT_MS` | `header_read_timeout` | milliseconds, 0 = off |
     /// | `SERVICEGROUP_WRITE_TIMEOUT_MS` | `write_timeout` | milliseconds, 0 = off |
     /// | `SERVICEGROUP_IDLE_TIMEOUT_MS` | `idle_timeout` | milliseconds, 0 = off |
+    /// | `SERVICEGROUP_UPGRADED_IDLE_TIMEOUT_MS` | `upgraded_idle_timeout` | milliseconds, 0 = off |
     /// | `SERVICEGROUP_SHUTDOWN_TIMEOUT_MS` | `shutdown_timeout` | milliseconds (0: cut what is open at once) |
     /// | `SERVICEGROUP_DRAIN_DELAY_MS` | `drain_delay` | milliseconds |
     /// | `SERVICEGROUP_THREADS` | `threads` | a whole number; 0 = no threads of its own |
@@ -173,6 +181,7 @@ impl Config {
         config.header_read_timeout = timeout("SERVICEGROUP_HEADER_READ_TIMEOUT_MS", config.header_read_timeout)?;
         config.write_timeout = timeout("SERVICEGROUP_WRITE_TIMEOUT_MS", config.write_timeout)?;
         config.idle_timeout = timeout("SERVICEGROUP_IDLE_TIMEOUT_MS", config.idle_timeout)?;
+        config.upgraded_idle_timeout = timeout("SERVICEGROUP_UPGRADED_IDLE_TIMEOUT_MS", config.upgraded_idle_timeout)?;
         if let Some(d) = parse_ms("SERVICEGROUP_SHUTDOWN_TIMEOUT_MS")? {
             config.shutdown_timeout = d;
         }

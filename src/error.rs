@@ -17,6 +17,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Which timeout expired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Phase {
     /// Reading a request head took longer than `Config::header_read_timeout`.
     HeaderRead,
@@ -25,11 +26,13 @@ pub enum Phase {
     Write,
     /// A keep-alive connection sent nothing for `Config::idle_timeout`.
     Idle,
+    /// An upgraded connection read and wrote nothing for `Config::upgraded_idle_timeout`.
+    Upgraded,
 }
 
 impl Phase {
     /// All phases, in the order the debug server lists them.
-    pub const ALL: [Phase; 3] = [Phase::HeaderRead, Phase::Write, Phase::Idle];
+    pub const ALL: [Phase; 4] = [Phase::HeaderRead, Phase::Write, Phase::Idle, Phase::Upgraded];
 
     /// The phase's name in metrics (`header_read`, `write`, `idle`).
     pub fn as_str(&self) -> &'static str {
@@ -37,6 +40,7 @@ impl Phase {
             Phase::HeaderRead => "header_read",
             Phase::Write => "write",
             Phase::Idle => "idle",
+            Phase::Upgraded => "upgraded",
         }
     }
 }
@@ -74,6 +78,9 @@ pub enum Error {
     },
     /// A connection timeout expired.
     TimedOut(Phase),
+    /// [`upgrade::on`](crate::upgrade::on) was called for a request that cannot be upgraded
+    /// (the message says why); answer 400 ([`Error::to_response`]).
+    NotUpgradable(&'static str),
     /// A group member returned an error, which ended the group.
     Member {
         /// The name the member was added with.
@@ -115,7 +122,7 @@ impl Error {
     /// 400 for a malformed body, 413 for one over the limit, 408/503 for timeouts, 500 otherwise.
     pub fn status(&self) -> StatusCode {
         match self {
-            Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::BadRequest(_) | Error::NotUpgradable(_) => StatusCode::BAD_REQUEST,
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::TimedOut(Phase::HeaderRead) => StatusCode::REQUEST_TIMEOUT,
             Error::TimedOut(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -161,6 +168,7 @@ impl fmt::Display for Error {
             Error::Config { name, value, expected } => write!(f, "invalid {name}={value:?}: expected {expected}"),
             Error::Io(e) => write!(f, "i/o error: {e}"),
             Error::BadRequest(why) => write!(f, "bad request: {why}"),
+            Error::NotUpgradable(why) => write!(f, "this request cannot be upgraded: {why}"),
             Error::BodyTooLarge { limit } => {
                 write!(f, "request body is larger than the {limit}-byte limit (Config::max_body_bytes)")
             }
@@ -169,6 +177,7 @@ impl fmt::Display for Error {
                     Phase::HeaderRead => "reading the request head took longer than the header read timeout",
                     Phase::Write => "the exchange took longer than the write timeout",
                     Phase::Idle => "the keep-alive connection was idle longer than the idle timeout",
+                    Phase::Upgraded => "the upgraded connection was idle longer than the upgraded idle timeout",
                 };
                 f.write_str(what)
             }

@@ -97,6 +97,7 @@ pub fn connection(script: Script, max_polls: usize) -> Exchange {
             header_read_timeout: None,
             write_timeout: None,
             idle_timeout: None,
+            upgraded_idle_timeout: None,
             max_body_bytes: u64::MAX,
             linger: None,
             watch_peer: true,
@@ -213,5 +214,10 @@ impl Io for Pipe {
 
     fn shutdown_write(&self) {
         self.write_closed.store(true, Ordering::Relaxed);
+    }
+
+    fn shutdown(&self) {
+        self.write_closed.store(true, Ordering::Relaxed);
+        self.reads.lock().unwrap().clear();
     }
 }

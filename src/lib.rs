@@ -171,6 +171,7 @@ mod server;
 mod shutdown;
 mod signal;
 mod supervisor;
+pub mod upgrade;
 
 /// Entry points for `fuzz/` and for replaying its corpus in `cargo test`: compiled only with
 /// the `fuzzing` feature, which the fuzz crate and this crate's own tests turn on, so the

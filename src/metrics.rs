@@ -89,11 +89,15 @@ pub(crate) struct Shard {
     /// Sum of request durations in microseconds.
     duration_micros: AtomicU64,
     /// Timeouts by phase, in [`Phase::ALL`] order.
-    timeouts: [AtomicU64; 3],
+    timeouts: [AtomicU64; Phase::ALL.len()],
     /// Refused requests, in [`Reject::ALL`] order.
     rejected: [AtomicU64; 5],
     /// Handler panics.
     panics: AtomicU64,
+    /// Connections handed to an upgraded protocol.
+    upgraded: AtomicU64,
+    /// Upgraded connections that have closed.
+    upgraded_closed: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -131,6 +135,8 @@ impl Metrics {
             timeouts: std::array::from_fn(|i| sums(|s, i| &s.timeouts[i], i)),
             rejected: std::array::from_fn(|i| sums(|s, i| &s.rejected[i], i)),
             panics: sum(|s| &s.panics),
+            upgraded: sum(|s| &s.upgraded),
+            upgraded_closed: sum(|s| &s.upgraded_closed),
             requests_by_place: self.shards.iter().map(|s| s.duration_buckets.iter().map(load).sum()).collect(),
             shutting_down,
         }
@@ -148,6 +154,8 @@ impl Default for Shard {
             timeouts: Default::default(),
             rejected: Default::default(),
             panics: AtomicU64::new(0),
+            upgraded: AtomicU64::new(0),
+            upgraded_closed: AtomicU64::new(0),
         }
     }
 }
@@ -198,6 +206,16 @@ impl Shard {
     pub(crate) fn panicked(&self) {
         self.panics.fetch_add(1, Relaxed);
     }
+
+    /// A connection switched to an upgraded protocol.
+    pub(crate) fn upgraded(&self) {
+        self.upgraded.fetch_add(1, Relaxed);
+    }
+
+    /// An upgraded connection closed.
+    pub(crate) fn upgraded_closed(&self) {
+        self.upgraded_closed.fetch_add(1, Relaxed);
+    }
 }
 
 /// The counters at one moment.
@@ -218,11 +236,15 @@ pub(crate) struct Snapshot {
     /// See [`Metrics`].
     duration_micros: u64,
     /// See [`Metrics`].
-    timeouts: [u64; 3],
+    timeouts: [u64; Phase::ALL.len()],
     /// See [`Metrics`].
     rejected: [u64; 5],
     /// See [`Metrics`].
     panics: u64,
+    /// See [`Metrics`].
+    upgraded: u64,
+    /// See [`Metrics`].
+    upgraded_closed: u64,
     /// Requests finished per place (thread of the group's own), in place order.
     requests_by_place: Vec<u64>,
     /// Whether shutdown has started.
@@ -278,6 +300,18 @@ impl Snapshot {
             .collect();
         metric("rejected_requests_total", "counter", "Requests refused before the handler, by reason.", &reasons);
         metric("handler_panics_total", "counter", "Handlers that panicked.", &one(self.panics));
+        metric(
+            "upgraded_connections_total",
+            "counter",
+            "Connections switched to another protocol (WebSocket, CONNECT tunnels).",
+            &one(self.upgraded),
+        );
+        metric(
+            "upgraded_connections_open",
+            "gauge",
+            "Upgraded connections open now (counted in connections_open too).",
+            &one(self.upgraded.saturating_sub(self.upgraded_closed)),
+        );
         let places: Vec<_> = self
             .requests_by_place
             .iter()
@@ -313,14 +347,17 @@ impl Snapshot {
         let _ = write!(
             out,
             "{{\"version\":\"{}\",\"uptime_seconds\":{},\"shutting_down\":{},\"connections_accepted\":{},\
-             \"connections_open\":{},\"requests_in_flight\":{},\"handler_panics\":{}",
+             \"connections_open\":{},\"requests_in_flight\":{},\"handler_panics\":{},\"upgraded_connections\":{},\
+             \"upgraded_connections_open\":{}",
             env!("CARGO_PKG_VERSION"),
             self.uptime.as_secs_f64(),
             self.shutting_down,
             self.connections_accepted,
             self.connections_open,
             self.in_flight,
-            self.panics
+            self.panics,
+            self.upgraded,
+            self.upgraded.saturating_sub(self.upgraded_closed)
         );
         let object = |out: &mut String, name: &str, pairs: &mut dyn Iterator<Item = (String, u64)>| {
             let _ = write!(out, ",\"{name}\":{{");
@@ -362,6 +399,9 @@ mod tests {
         m.response(431);
         metrics.shard(1).request_started();
         metrics.shard(1).request_finished(Some(200), Duration::from_micros(10));
+        m.upgraded();
+        m.upgraded();
+        metrics.shard(1).upgraded_closed();
         let s = metrics.snapshot(1, true);
         let text = s.prometheus();
         for line in [
@@ -380,12 +420,19 @@ mod tests {
             "servicegroup_timeouts_total{phase=\"write\"} 1",
             "servicegroup_rejected_requests_total{reason=\"head_too_large\"} 1",
             "servicegroup_shutting_down 1",
+            "servicegroup_upgraded_connections_total 2",
+            "servicegroup_upgraded_connections_open 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
         let json = s.json();
         assert!(json.starts_with('{') && json.ends_with('}'), "{json}");
-        for part in ["\"timeouts\":{\"header_read\":0,\"write\":1,\"idle\":0}", "\"2xx\":2", "\"count\":3"] {
+        for part in [
+            "\"timeouts\":{\"header_read\":0,\"write\":1,\"idle\":0,\"upgraded\":0}",
+            "\"2xx\":2",
+            "\"count\":3",
+            "\"upgraded_connections\":2,\"upgraded_connections_open\":1",
+        ] {
             assert!(json.contains(part), "missing {part} in {json}");
         }
     }

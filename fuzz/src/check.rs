@@ -309,6 +309,12 @@ pub fn connection(data: &[u8]) {
             }
             return;
         }
+        // RFC 9110 §9.3.6: a 2xx to CONNECT would open a tunnel the handler never took.
+        if request.method == "CONNECT" {
+            assert_eq!(response.status, 405, "response {i}");
+            let _ = response_body(&mut out, &response).expect("a complete 405 body");
+            continue;
+        }
         assert_eq!(response.status, 200, "response {i}");
         let reference::Body::Complete(data, _) = body else { unreachable!() };
         if request.method == "HEAD" {

@@ -96,6 +96,10 @@ pub struct Head {
     pub keep_alive: bool,
     /// Whether the client waits for `100 Continue` before sending the body.
     pub expect_continue: bool,
+    /// Whether the client offers to switch protocols: an HTTP/1.1 request with an `Upgrade`
+    /// field named in `Connection` (RFC 9110 §7.8), or a `CONNECT` (§9.3.6). The handler
+    /// decides; the connection stays HTTP/1.1 unless it takes the offer.
+    pub upgrade: bool,
 }
 
 /// Parses a request head from the start of `buf`.
@@ -166,7 +170,11 @@ pub fn parse_head(buf: &[u8], limits: Limits) -> Result<Option<(Head, usize)>, D
     };
     // RFC 9110 §10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored.
     let expect_continue = framing.expect_continue && version == Version::HTTP_11 && body != BodyLength::Length(0);
-    Ok(Some((Head { method, uri, version, headers, body, keep_alive, expect_continue }, len)))
+    // RFC 9110 §7.8: an Upgrade in an HTTP/1.0 request is ignored (its Connection semantics
+    // are not reliable there).
+    let upgrade =
+        version == Version::HTTP_11 && (method == Method::CONNECT || (framing.upgrade_option && framing.upgrade_field));
+    Ok(Some((Head { method, uri, version, headers, body, keep_alive, expect_continue, upgrade }, len)))
 }
 
 /// Bytes of empty lines (CRLF or bare LF) before a request line, which a server should ignore
@@ -384,6 +392,10 @@ struct Framing {
     close: bool,
     keep_alive: bool,
     expect_continue: bool,
+    /// `Connection` names `upgrade`.
+    upgrade_option: bool,
+    /// An `Upgrade` field is present and not empty.
+    upgrade_field: bool,
 }
 
 impl Framing {
@@ -419,7 +431,10 @@ impl Framing {
             for option in list(value) {
                 self.close |= option.eq_ignore_ascii_case(b"close");
                 self.keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
+                self.upgrade_option |= option.eq_ignore_ascii_case(b"upgrade");
             }
+        } else if name == header::UPGRADE {
+            self.upgrade_field |= list(value).next().is_some();
         } else if name == header::EXPECT {
             for expectation in list(value) {
                 if expectation.eq_ignore_ascii_case(b"100-continue") {
@@ -767,6 +782,24 @@ mod tests {
     fn leading_empty_lines_are_skipped() {
         let h = head("\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n");
         assert_eq!(h.method, Method::GET);
+    }
+
+    #[test]
+    fn upgrade_offers() {
+        let table = [
+            ("GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", true),
+            ("GET / HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, upgrade\r\nUpgrade: h2c\r\n\r\n", true),
+            ("GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n", false), // not in Connection
+            ("GET / HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\n\r\n", false), // no Upgrade
+            ("GET / HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: ,\r\n\r\n", false),
+            ("GET / HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n", false), // §7.8
+            ("CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n", true),
+            ("CONNECT h:443 HTTP/1.0\r\n\r\n", false),
+            ("GET / HTTP/1.1\r\nHost: h\r\n\r\n", false),
+        ];
+        for (input, upgrade) in table {
+            assert_eq!(head(input).upgrade, upgrade, "{input:?}");
+        }
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub enum Connection {
     KeepAlive,
     /// `close`: this is the last response on the connection.
     Close,
+    /// `upgrade`: a `101 Switching Protocols`; the handler's `Upgrade` field names the protocol.
+    Upgrade,
 }
 
 /// A response head, with the framing already decided.
@@ -81,6 +83,7 @@ pub fn encode_head(out: &mut Vec<u8>, head: &ResponseHead<'_>) {
         Connection::Default => {}
         Connection::KeepAlive => out.extend_from_slice(b"connection: keep-alive\r\n"),
         Connection::Close => out.extend_from_slice(b"connection: close\r\n"),
+        Connection::Upgrade => out.extend_from_slice(b"connection: upgrade\r\n"),
     }
     out.extend_from_slice(CRLF);
 }

@@ -112,12 +112,20 @@ pub(crate) enum Activity {
     Writing,
     /// Finishing: the last response is out and the connection closes.
     Closing,
+    /// Switched to another protocol (see [`crate::upgrade`]).
+    Upgraded,
 }
 
 impl Activity {
     /// Every activity, in display order.
-    pub(crate) const ALL: [Activity; 5] =
-        [Activity::Idle, Activity::ReadingHead, Activity::InHandler, Activity::Writing, Activity::Closing];
+    pub(crate) const ALL: [Activity; 6] = [
+        Activity::Idle,
+        Activity::ReadingHead,
+        Activity::InHandler,
+        Activity::Writing,
+        Activity::Closing,
+        Activity::Upgraded,
+    ];
 
     /// The name shown.
     pub(crate) fn as_str(self) -> &'static str {
@@ -127,6 +135,7 @@ impl Activity {
             Activity::InHandler => "in handler",
             Activity::Writing => "writing",
             Activity::Closing => "closing",
+            Activity::Upgraded => "upgraded",
         }
     }
 }
@@ -154,7 +163,7 @@ pub(crate) struct Listing {
     /// At most the limit asked for.
     pub(crate) rows: Vec<Row>,
     /// Connections per activity, in [`Activity::ALL`] order.
-    pub(crate) totals: [usize; 5],
+    pub(crate) totals: [usize; Activity::ALL.len()],
 }
 
 /// A connection's handle on its slot, for what the connections view shows.

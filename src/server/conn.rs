@@ -18,6 +18,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
+use std::pin::pin;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
@@ -37,6 +38,7 @@ use crate::h1::encode::{self, DATE_LEN};
 use crate::handler::Handler;
 use crate::metrics::{Metrics, Reject, Shard};
 use crate::shutdown::{Latch, Slot};
+use crate::upgrade::{Link, Serve, Tunnel, Upgraded};
 
 /// Unread request body drained after a response so the connection can serve another request.
 /// Past this the connection closes instead: reading a large upload nobody wants costs more
@@ -67,6 +69,8 @@ pub(crate) struct Settings {
     pub(crate) write_timeout: Option<Duration>,
     /// See `Config::idle_timeout`.
     pub(crate) idle_timeout: Option<Duration>,
+    /// See `Config::upgraded_idle_timeout`.
+    pub(crate) upgraded_idle_timeout: Option<Duration>,
     /// See `Config::max_body_bytes`.
     pub(crate) max_body_bytes: u64,
     /// How long a closing connection lingers ([`LINGER`]; `None` only in fuzzing, which
@@ -155,8 +159,9 @@ pub(crate) fn serve<I: Io, H: Handler>(
 }
 
 /// What the connection does after an exchange.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Next {
+    /// The handler accepted an upgrade and its head is written: run the protocol.
+    Upgrade(Serve),
     /// Serve the next request.
     KeepAlive,
     /// Close now: everything is sent and the client has nothing more to send.
@@ -274,6 +279,10 @@ impl<I: Io, H: Handler> Conn<I, H> {
             match Box::pin(self.exchange()).await? {
                 Next::KeepAlive => {}
                 Next::Close => return Ok(()),
+                Next::Upgrade(serve) => {
+                    Box::pin(self.upgraded(serve)).await;
+                    return Ok(());
+                }
                 Next::Linger => {
                     Box::pin(self.linger()).await;
                     return Ok(());
@@ -485,6 +494,54 @@ impl<I: Io, H: Handler> Conn<I, H> {
             entry.finish(progress.status, progress.sent, end);
         }
         result
+    }
+
+    /// Runs an accepted upgrade's protocol on this task until it ends and its stream is
+    /// dropped, or the upgraded idle timeout passes with nothing read or written. However it
+    /// ends (cut at the shutdown deadline too: this future is dropped), the socket is shut down
+    /// so a stream moved elsewhere sees the end.
+    async fn upgraded(&mut self, serve: Serve) {
+        /// Counts the close and shuts the socket down, on every way out.
+        struct Closing<'a, I: Io>(&'a Shared<I>, &'a Shard);
+        impl<I: Io> Drop for Closing<'_, I> {
+            fn drop(&mut self) {
+                self.0.io.shutdown();
+                self.1.upgraded_closed();
+            }
+        }
+        let idle = self.ctx.settings.upgraded_idle_timeout;
+        let now = Instant::now();
+        let peer = self.peer();
+        log::debug!("{peer}: upgraded");
+        self.deadline.set(after(now, idle));
+        self.tracker.enter(Activity::Upgraded, now);
+        let Conn { shared, ctx, place, deadline, .. } = self;
+        let metrics = ctx.metrics.shard(*place);
+        metrics.upgraded();
+        let _closing = Closing(shared, metrics);
+        let link = Arc::new(Link::new(now, idle.is_some()));
+        let stream = Upgraded::new(shared.clone() as Arc<dyn Tunnel>, link.clone(), ctx.close_idle.clone());
+        let dropped = link.dropped();
+        let who = peer.clone();
+        let protocol = async move {
+            if AssertUnwindSafe(async move { serve(stream).await }).catch_unwind().await.is_err() {
+                log::error!("{peer}: the upgraded protocol panicked; its connection is closed");
+            }
+            // A stream moved to another task keeps the connection open (and counted).
+            dropped.await;
+        };
+        let mut protocol = pin!(protocol);
+        while deadline.race(protocol.as_mut()).await.is_none() {
+            // The deadline passed: unless something moved since it was set, the peer is gone.
+            let next = after(link.last_active(), idle);
+            if next.is_some_and(|next| next > Instant::now()) {
+                deadline.set(next);
+                continue;
+            }
+            metrics.timed_out(Phase::Upgraded);
+            log::debug!("{who}: {}", Error::TimedOut(Phase::Upgraded));
+            break;
+        }
     }
 
     /// Flushes what is left, stops sending, and reads (discarding) until the client closes,

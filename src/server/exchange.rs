@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use futures_lite::future::{poll_fn, poll_once};
 use futures_lite::FutureExt;
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, StatusCode, Version};
 
 use super::clock::{Activity, Tracker};
@@ -21,6 +21,7 @@ use crate::h1::decode::{BodyDecoder, BodyLength, Head};
 use crate::h1::encode::{self, Connection, ResponseHead, CONTINUE, CRLF, LAST_CHUNK};
 use crate::handler::Handler;
 use crate::metrics::{Reject, Shard};
+use crate::upgrade::{Accepted, Offer, Serve};
 
 /// Response bytes held back while pipelined requests are waiting, before a flush is forced.
 const FLUSH_AT: usize = 64 * 1024;
@@ -66,7 +67,7 @@ pub(super) async fn respond<I: Io, H: Handler>(
     progress: &mut Progress,
 ) -> Result<Next, Error> {
     let Some(head) = head.take() else { return Ok(Next::Close) };
-    let Head { method, uri, version, headers, body: length, keep_alive, expect_continue } = *head;
+    let Head { method, uri, version, headers, body: length, keep_alive, expect_continue, upgrade } = *head;
     let request = {
         let mut st = shared.lock();
         st.request += 1;
@@ -86,6 +87,7 @@ pub(super) async fn respond<I: Io, H: Handler>(
         }
     };
     let is_head = method == Method::HEAD;
+    let is_connect = method == Method::CONNECT;
     // For the connections view, if the handler has to wait (cheap copies: `Method` is a small
     // enum for the standard methods, `Uri` shares its bytes).
     let what = (method.clone(), uri.clone());
@@ -97,6 +99,9 @@ pub(super) async fn respond<I: Io, H: Handler>(
     let gone = ctx.settings.watch_peer.then(PeerGone::default);
     if let Some(gone) = &gone {
         req.extensions_mut().insert(gone.clone());
+    }
+    if upgrade {
+        req.extensions_mut().insert(Offer);
     }
 
     // 1. The handler. The body's 100 Continue is written by the body itself, so nothing else
@@ -121,8 +126,42 @@ pub(super) async fn respond<I: Io, H: Handler>(
         }
     };
 
-    // 2. Framing (RFC 9112 §6.1-6.3) and persistence (§9.3).
-    let (parts, mut body) = response.into_parts();
+    // 2. Protocol switches (RFC 9110 §7.8, §9.3.6): only offered ones, only through
+    //    `upgrade::OnUpgrade::accept`.
+    let (mut parts, mut body) = response.into_parts();
+    let serve = parts.extensions.get::<Accepted>().and_then(Accepted::take).filter(|_| upgrade);
+    let switching =
+        if is_connect { parts.status.is_success() } else { parts.status == StatusCode::SWITCHING_PROTOCOLS };
+    match (serve, switching) {
+        (Some(serve), true) => return switch(shared, out, records, progress, &parts, serve, now).await,
+        (Some(_), false) => log::warn!(
+            "{}: the handler changed the status of an accepted upgrade to {}; the connection stays HTTP/1.1",
+            peer(records),
+            parts.status
+        ),
+        (None, true) if is_connect => {
+            // A 2xx to CONNECT would turn the connection into a tunnel (§9.3.6).
+            parts.status = StatusCode::METHOD_NOT_ALLOWED;
+            parts.headers.clear();
+            parts
+                .headers
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"));
+            parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+            body = Body::from("CONNECT is not served here\n");
+        }
+        (None, true) => {
+            log::error!(
+                "{}: the handler answered 101 without upgrade::OnUpgrade::accept; answering 500 (no protocol would \
+                 run on the connection)",
+                peer(records)
+            );
+            let e = Error::NotUpgradable("a 101 response must come from upgrade::OnUpgrade::accept");
+            return Ok(refuse(records.metrics, out, progress, e, now));
+        }
+        (None, false) => {}
+    }
+
+    // 3. Framing (RFC 9112 §6.1-6.3) and persistence (§9.3).
     let status = parts.status;
     let declared = declared_length(&parts.headers);
     let mut close = !keep_alive || asks_close(&parts.headers) || status.is_informational();
@@ -147,7 +186,7 @@ pub(super) async fn respond<I: Io, H: Handler>(
     };
     let echo = body.incoming_request() == Some(request) && send_body;
 
-    // 3. A streamed body's first bytes are read before the head is written, so a body that
+    // 4. A streamed body's first bytes are read before the head is written, so a body that
     //    fails at once (a broken request body echoed back, a failing reader) still gets an
     //    error response. If they are not ready yet, the head goes out first.
     let full = if send_body { body.take_full() } else { None };
@@ -164,7 +203,7 @@ pub(super) async fn respond<I: Io, H: Handler>(
     }
     {
         let mut st = shared.lock();
-        // 4. A request body with broken framing leaves the connection unusable: answer 400
+        // 5. A request body with broken framing leaves the connection unusable: answer 400
         //    whatever the handler said (it saw the error reading the body).
         if let Some(why) = st.error {
             drop(st);
@@ -218,7 +257,7 @@ pub(super) async fn respond<I: Io, H: Handler>(
     progress.status = Some(status.as_u16());
     records.tracker.enter(Activity::Writing, now);
 
-    // 5. The body.
+    // 6. The body.
     match full {
         Some(bytes) if bytes.len() <= INLINE_BODY => {
             out.extend_from_slice(&bytes);
@@ -242,12 +281,12 @@ pub(super) async fn respond<I: Io, H: Handler>(
     }
     drop(body);
 
-    // 6. Drain what the handler left of the request body, so the connection can be reused.
+    // 7. Drain what the handler left of the request body, so the connection can be reused.
     if !close && !matches!(drain_body(shared).await, Ok(true)) {
         close = true;
     }
 
-    // 7. Flush, unless the next pipelined request is already here and little is waiting.
+    // 8. Flush, unless the next pipelined request is already here and little is waiting.
     let (body_done, buffered) = {
         let mut st = shared.lock();
         let done = st.body.is_done();
@@ -262,6 +301,50 @@ pub(super) async fn respond<I: Io, H: Handler>(
         true if body_done && !buffered => Next::Close,
         true => Next::Linger,
     })
+}
+
+/// Writes the head of an accepted upgrade (all of it, with any pipelined responses before it)
+/// and hands the protocol to the connection; a request body not read to its end gets 500.
+async fn switch<I: Io>(
+    shared: &Shared<I>,
+    out: &mut Vec<u8>,
+    records: &Records<'_>,
+    progress: &mut Progress,
+    parts: &http::response::Parts,
+    serve: Serve,
+    now: Instant,
+) -> Result<Next, Error> {
+    if !shared.lock().body.is_done() {
+        log::error!(
+            "{}: the handler accepted an upgrade before reading the request body to its end; answering 500",
+            peer(records)
+        );
+        let e = Error::NotUpgradable("the handler accepted the upgrade before reading the whole request body");
+        return Ok(refuse(records.metrics, out, progress, e, now));
+    }
+    let connect = parts.status != StatusCode::SWITCHING_PROTOCOLS;
+    let date = date(now);
+    encode::encode_head(
+        out,
+        &ResponseHead {
+            status: parts.status,
+            headers: &parts.headers,
+            // §9.3.6: no Content-Length or Transfer-Encoding in a 2xx to CONNECT.
+            content_length: None,
+            chunked: false,
+            connection: if connect { Connection::Default } else { Connection::Upgrade },
+            date: (!parts.headers.contains_key(header::DATE)).then_some(&date),
+        },
+    );
+    progress.head_written = true;
+    progress.status = Some(parts.status.as_u16());
+    flush(&shared.io, out).await?;
+    Ok(Next::Upgrade(serve))
+}
+
+/// The client's address, for logs.
+fn peer(records: &Records<'_>) -> String {
+    records.tracker.peer().map_or_else(|| "unknown peer".into(), |a| a.to_string())
 }
 
 /// Sets `gone` if the client closes its side while the handler runs; never resolves. Reads
@@ -389,7 +472,9 @@ fn refuse(metrics: &Shard, out: &mut Vec<u8>, progress: &mut Progress, e: Error,
         metrics.rejected(Reject::BadRequest);
         StatusCode::BAD_REQUEST
     } else {
-        log::error!("response body failed before it was sent: {e}; answering 500");
+        if !matches!(e, Error::NotUpgradable(_)) {
+            log::error!("response body failed before it was sent: {e}; answering 500");
+        }
         StatusCode::INTERNAL_SERVER_ERROR
     };
     progress.head_written = true;

@@ -15,6 +15,7 @@ use crate::body::Source;
 use crate::error::Error;
 use crate::h1::decode::{self, BodyDecoder};
 use crate::h1::encode::CONTINUE;
+use crate::upgrade::Tunnel;
 
 /// Bytes asked of the socket per read.
 pub(super) const READ_CHUNK: usize = 8 * 1024;
@@ -31,6 +32,9 @@ pub(crate) trait Io: Send + Sync + 'static {
     fn poll_write_vectored(&self, cx: &mut TaskContext<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>>;
     /// Shuts the sending side (FIN), keeping the receiving side open.
     fn shutdown_write(&self);
+    /// Shuts both sides: reads see the end, writes fail (cutting an upgraded stream that
+    /// lives on elsewhere).
+    fn shutdown(&self);
 }
 
 impl Io for Async<TcpStream> {
@@ -48,6 +52,10 @@ impl Io for Async<TcpStream> {
 
     fn shutdown_write(&self) {
         let _ = self.get_ref().shutdown(std::net::Shutdown::Write);
+    }
+
+    fn shutdown(&self) {
+        let _ = self.get_ref().shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -222,6 +230,31 @@ impl<I: Io> Shared<I> {
             }
             ready!(self.poll_fill_locked(st, cx))?;
         }
+    }
+}
+
+/// After an upgrade: the bytes the client sent behind its request first, then the socket.
+impl<I: Io> Tunnel for Shared<I> {
+    fn poll_read(&self, cx: &mut TaskContext<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        {
+            let mut st = self.lock();
+            if !st.buf.is_empty() {
+                let n = st.buf.filled().len().min(buf.len());
+                buf[..n].copy_from_slice(&st.buf.filled()[..n]);
+                st.buf.consume(n);
+                st.buf.release();
+                return Poll::Ready(Ok(n));
+            }
+        }
+        self.io.poll_read(cx, buf)
+    }
+
+    fn poll_write_vectored(&self, cx: &mut TaskContext<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        self.io.poll_write_vectored(cx, bufs)
+    }
+
+    fn shutdown_write(&self) {
+        self.io.shutdown_write();
     }
 }
 

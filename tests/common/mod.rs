@@ -341,6 +341,11 @@ impl Client {
         response
     }
 
+    /// The bytes read past the last response (after a 101: the new protocol's first bytes).
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
+
     /// Whether the server closed the connection with nothing more to read.
     pub fn is_closed(&mut self) -> bool {
         self.buf.is_empty() && is_closed(&mut self.stream)
