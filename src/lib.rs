@@ -95,6 +95,8 @@
 //!   versions match.
 //! - [`Error`], [`Phase`], [`Result`], [`BoxError`]: what can fail, and how to answer it.
 //! - [`Shutdown`]: start a graceful shutdown from code, or wait for one.
+//! - [`upgrade`]: take a connection for WebSocket or another protocol (`101`), or a
+//!   `CONNECT` tunnel, still tracked by the drain.
 //!
 //! The fuzzing entry points are compiled only with the `fuzzing` feature (for `fuzz/` and
 //! this crate's tests) and are not part of the API.
