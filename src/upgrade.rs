@@ -77,6 +77,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 
 use crate::body::Body;
 use crate::error::Error;
+use crate::h1::decode::connection_names;
 use crate::shutdown::Latch;
 
 /// Takes the upgrade `request` offers: a protocol switch (`Upgrade` named in `Connection`,
@@ -95,16 +96,11 @@ pub fn on(request: &mut Request<Body>) -> Result<OnUpgrade, Error> {
 
 /// Why a request holds no upgrade offer.
 fn why_not(request: &Request<Body>) -> &'static str {
-    let connection_names_upgrade = request
-        .headers()
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade")));
     if request.version() != Version::HTTP_11 {
         "only HTTP/1.1 requests can switch protocols (RFC 9110 §7.8)"
     } else if !request.headers().contains_key(header::UPGRADE) {
         "it has no `Upgrade` field naming a protocol"
-    } else if !connection_names_upgrade {
+    } else if !connection_names(request.headers(), b"upgrade") {
         "its `Connection` field does not name `upgrade` (RFC 9110 §7.8)"
     } else {
         "its offer was already taken (call upgrade::on once per request) or it did not come from this server"

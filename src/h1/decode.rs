@@ -480,6 +480,12 @@ impl Framing {
     }
 }
 
+/// Whether any `Connection` field in `headers` names `option` (case-insensitive, RFC 9110
+/// §7.6.1): for the handler's `close` and a request's `upgrade`.
+pub fn connection_names(headers: &HeaderMap, option: &[u8]) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| list(v.as_bytes()).any(|o| o.eq_ignore_ascii_case(option)))
+}
+
 /// Splits a comma-separated field value into trimmed, non-empty items (RFC 9110 §5.6.1).
 fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value.split(|&b| b == b',').map(trim).filter(|item| !item.is_empty())

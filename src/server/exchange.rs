@@ -17,7 +17,7 @@ use super::conn::{date, Context, Next, PeerGone, DRAIN_LIMIT};
 use super::stream::{flush, write_all, Continue, Io, Shared, OUT_POOL};
 use crate::body::{Body, Incoming};
 use crate::error::Error;
-use crate::h1::decode::{BodyDecoder, BodyLength, Head};
+use crate::h1::decode::{self, BodyDecoder, BodyLength, Head};
 use crate::h1::encode::{self, Connection, ResponseHead, CONTINUE, CRLF, LAST_CHUNK};
 use crate::handler::Handler;
 use crate::metrics::{Reject, Shard};
@@ -379,10 +379,7 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
 
 /// Whether the handler's `Connection` field says `close`.
 fn asks_close(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")))
+    decode::connection_names(headers, b"close")
 }
 
 /// Streams `body` after the head in `out`: chunked, or exactly `length` bytes. Returns false
