@@ -188,6 +188,11 @@ impl Tracker {
         self.0.peer
     }
 
+    /// The client's address as logs name it.
+    pub(crate) fn peer_name(&self) -> String {
+        self.0.peer.map_or_else(|| "unknown peer".into(), |a| a.to_string())
+    }
+
     /// Shows (or with `None` clears) the exchange in flight.
     pub(crate) fn show(&self, current: Option<String>) {
         *lock(&self.0.current) = current.map(Box::new);

@@ -212,7 +212,7 @@ impl<I: Io, H: Handler> Conn<I, H> {
 
     /// The client's address, for logs.
     fn peer(&self) -> String {
-        self.tracker.peer().map_or_else(|| "unknown peer".into(), |a| a.to_string())
+        self.tracker.peer_name()
     }
 
     /// The keep-alive loop.

@@ -136,7 +136,7 @@ pub(super) async fn respond<I: Io, H: Handler>(
         (Some(serve), true) => return switch(shared, out, records, progress, &parts, serve, now).await,
         (Some(_), false) => log::warn!(
             "{}: the handler changed the status of an accepted upgrade to {}; the connection stays HTTP/1.1",
-            peer(records),
+            records.tracker.peer_name(),
             parts.status
         ),
         (None, true) if is_connect => {
@@ -153,7 +153,7 @@ pub(super) async fn respond<I: Io, H: Handler>(
             log::error!(
                 "{}: the handler answered 101 without upgrade::OnUpgrade::accept; answering 500 (no protocol would \
                  run on the connection)",
-                peer(records)
+                records.tracker.peer_name()
             );
             let e = Error::NotUpgradable("a 101 response must come from upgrade::OnUpgrade::accept");
             return Ok(refuse(records.metrics, out, progress, e, now));
@@ -317,7 +317,7 @@ async fn switch<I: Io>(
     if !shared.lock().body.is_done() {
         log::error!(
             "{}: the handler accepted an upgrade before reading the request body to its end; answering 500",
-            peer(records)
+            records.tracker.peer_name()
         );
         let e = Error::NotUpgradable("the handler accepted the upgrade before reading the whole request body");
         return Ok(refuse(records.metrics, out, progress, e, now));
@@ -340,11 +340,6 @@ async fn switch<I: Io>(
     progress.status = Some(parts.status.as_u16());
     flush(&shared.io, out).await?;
     Ok(Next::Upgrade(serve))
-}
-
-/// The client's address, for logs.
-fn peer(records: &Records<'_>) -> String {
-    records.tracker.peer().map_or_else(|| "unknown peer".into(), |a| a.to_string())
 }
 
 /// Sets `gone` if the client closes its side while the handler runs; never resolves. Reads
