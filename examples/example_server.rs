@@ -167,9 +167,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let url = |addr: servicegroup::Addr| match addr.tcp() {
+        Some(tcp) => format!("http://{tcp}/"),
+        None => addr.to_string(),
+    };
     match group.debug_addr() {
-        Some(debug) => log::info!("example_server: serving http://{}/ (debug server on http://{debug}/)", group.addr()),
-        None => log::info!("example_server: serving http://{}/ (debug server off)", group.addr()),
+        Some(debug) => log::info!("example_server: serving {} (debug server on {})", url(group.addr()), url(debug)),
+        None => log::info!("example_server: serving {} (debug server off)", url(group.addr())),
     }
     match smol::block_on(group.run()) {
         Ok(()) => {

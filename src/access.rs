@@ -12,12 +12,12 @@
 //! has `method=- path=- version=-`. Headers and bodies are never logged.
 
 use std::fmt::{self, Write as _};
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use http::{Method, Uri, Version};
 
 use crate::error::Phase;
+use crate::listen::Peer;
 
 /// The log target.
 pub(crate) const TARGET: &str = "servicegroup::access";
@@ -58,7 +58,7 @@ pub(crate) struct Entry(Box<Fields>);
 /// What an [`Entry`] knows before the exchange ends.
 struct Fields {
     /// The client.
-    peer: Option<SocketAddr>,
+    peer: Option<Peer>,
     /// Method, target and version, if a head was parsed.
     request: Option<(Method, String, Version)>,
     /// When the exchange started.
@@ -70,7 +70,7 @@ struct Fields {
 impl Entry {
     /// An exchange of the request `method uri version` from `peer`, started at `started`.
     pub(crate) fn new(
-        peer: Option<SocketAddr>,
+        peer: Option<Peer>,
         method: &Method,
         uri: &Uri,
         version: Version,
@@ -81,7 +81,7 @@ impl Entry {
     }
 
     /// A request refused before a head was parsed.
-    pub(crate) fn refused(peer: Option<SocketAddr>, started: Instant) -> Self {
+    pub(crate) fn refused(peer: Option<Peer>, started: Instant) -> Self {
         Entry(Box::new(Fields { peer, request: None, started, written: false }))
     }
 
@@ -122,7 +122,7 @@ struct Line<'a> {
 
 impl fmt::Display for Line<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.entry.peer {
+        match &self.entry.peer {
             Some(peer) => write!(f, "peer={peer}")?,
             None => f.write_str("peer=-")?,
         }
@@ -169,7 +169,7 @@ mod tests {
 
     #[test]
     fn lines_are_logfmt() {
-        let peer = Some("127.0.0.1:5000".parse().unwrap());
+        let peer = Some(Peer::Tcp("127.0.0.1:5000".parse().unwrap()));
         let uri: Uri = "/a%20b?x=1".parse().unwrap();
         let mut entry = Entry::new(peer, &Method::POST, &uri, Version::HTTP_11, Instant::now());
         assert_eq!(entry.0.request.as_ref().unwrap().1, "/a%20b?x=1");

@@ -1,10 +1,14 @@
 //! Configuration: safe defaults, each limit a documented constant, overridable from the
 //! environment.
 
+use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::listen::Listener;
 
 /// Where the service listens by default: every interface, port 8080.
 pub const DEFAULT_ADDR: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 8080));
@@ -29,6 +33,119 @@ pub const DEFAULT_MAX_HEADERS: usize = 100;
 /// APIs; stream larger uploads through `AsyncRead` instead.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 2 * 1024 * 1024;
 
+/// Where a server listens: an address the group binds, or a listener you bound yourself.
+///
+/// Parsed from text (`"0.0.0.0:8080".parse()`, and the `SERVICEGROUP_ADDR` and
+/// `SERVICEGROUP_DEBUG_ADDR` variables): `host:port` (IPv4, `[IPv6]` or `localhost`) for TCP,
+/// `unix:/path` for a Unix socket file, `unix:@name` for a Linux abstract socket. Displays
+/// the same way. A [`Listener`] converts with `.into()`, as do std's and async-net's
+/// listeners themselves.
+///
+/// Under systemd socket activation (`LISTEN_FDS` set for this process), the sockets systemd
+/// passes take the place of these addresses; see [`Group::new`](crate::Group::new).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Addr {
+    /// A TCP address. Port 0 picks a free port; [`Group::addr`](crate::Group::addr) says
+    /// which.
+    Tcp(SocketAddr),
+    /// A Unix stream socket at this path. A socket file nobody accepts on (left by a process
+    /// that crashed) is replaced; a live one, or a file that is not a socket, is an error. The
+    /// file is removed when the listener closes. Peers show in logs as `unix:PATH`.
+    Unix(PathBuf),
+    /// A Unix stream socket in Linux's abstract namespace, named without the leading `@`: no
+    /// file to clean up, gone with the process.
+    Abstract(String),
+    /// A listener you bound yourself; see [`Listener`].
+    Listener(Listener),
+}
+
+impl Addr {
+    /// The TCP address, if this is one.
+    pub fn tcp(&self) -> Option<SocketAddr> {
+        match self {
+            Addr::Tcp(addr) => Some(*addr),
+            _ => None,
+        }
+    }
+}
+
+/// Connecting to a group's address: `TcpStream::connect(group.addr())`. Any address other
+/// than [`Addr::Tcp`] is an error (`InvalidInput`) saying it is not a TCP address.
+impl std::net::ToSocketAddrs for Addr {
+    type Iter = std::option::IntoIter<SocketAddr>;
+
+    fn to_socket_addrs(&self) -> std::io::Result<Self::Iter> {
+        match self.tcp() {
+            Some(addr) => Ok(Some(addr).into_iter()),
+            None => Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{self} is not a TCP address"))),
+        }
+    }
+}
+
+impl FromStr for Addr {
+    type Err = Error;
+
+    /// Parses `host:port`, `unix:/path` or `unix:@name`; the error says which forms exist.
+    fn from_str(text: &str) -> Result<Addr> {
+        let trimmed = text.trim();
+        let bad = |expected| Error::Config { name: "address", value: text.to_string(), expected };
+        if let Some(rest) = trimmed.strip_prefix("unix:") {
+            return match rest.strip_prefix('@') {
+                Some("") => Err(bad("a name after unix:@")),
+                Some(name) => Ok(Addr::Abstract(name.to_string())),
+                None if rest.is_empty() => Err(bad("a path after unix:, like unix:/run/app.sock")),
+                None => Ok(Addr::Unix(PathBuf::from(rest))),
+            };
+        }
+        let parsed = match trimmed.strip_prefix("localhost:") {
+            Some(port) => port.parse::<u16>().ok().map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
+            None => trimmed.parse().ok(),
+        };
+        parsed.map(Addr::Tcp).ok_or_else(|| bad("an address like 0.0.0.0:8080, [::]:8080, unix:/run/app.sock or unix:@name"))
+    }
+}
+
+impl fmt::Display for Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Addr::Tcp(addr) => write!(f, "{addr}"),
+            Addr::Unix(path) => write!(f, "unix:{}", path.display()),
+            Addr::Abstract(name) => write!(f, "unix:@{name}"),
+            Addr::Listener(listener) => write!(f, "{listener}"),
+        }
+    }
+}
+
+impl From<SocketAddr> for Addr {
+    fn from(addr: SocketAddr) -> Addr {
+        Addr::Tcp(addr)
+    }
+}
+
+impl From<Listener> for Addr {
+    fn from(listener: Listener) -> Addr {
+        Addr::Listener(listener)
+    }
+}
+
+/// `.into()` straight from a listener type, through [`Listener`].
+macro_rules! addr_from_listener {
+    ($($listener:ty),*) => {$(
+        impl From<$listener> for Addr {
+            fn from(listener: $listener) -> Addr {
+                Addr::Listener(listener.into())
+            }
+        }
+    )*};
+}
+addr_from_listener!(
+    std::net::TcpListener,
+    std::os::unix::net::UnixListener,
+    async_net::TcpListener,
+    async_net::unix::UnixListener
+);
+
 /// How the server behaves. Start from [`Config::default`] or [`Config::from_env`] and change
 /// fields:
 ///
@@ -46,13 +163,21 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 2 * 1024 * 1024;
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Config {
-    /// Service address (`SERVICEGROUP_ADDR`). Port 0 picks a free port; see
-    /// [`Group::addr`](crate::Group::addr).
-    pub addr: SocketAddr,
+    /// Service address (`SERVICEGROUP_ADDR`): TCP, a Unix socket, or your own listener (see
+    /// [`Addr`]). Port 0 picks a free port; see [`Group::addr`](crate::Group::addr).
+    pub addr: Addr,
     /// Debug server address (`SERVICEGROUP_DEBUG_ADDR`; `off` disables it), or `None` for no
     /// debug server. To expose it to Kubernetes probes, bind the pod IP or `0.0.0.0` and keep
     /// the port off any Service or Ingress.
-    pub debug_addr: Option<SocketAddr>,
+    pub debug_addr: Option<Addr>,
+    /// Bind the service's TCP address with `SO_REUSEPORT` (`SERVICEGROUP_REUSE_PORT=1`;
+    /// default off), so that a new process can start on the same port before this one
+    /// drains: start the new one, wait for its readiness, then send this one SIGTERM. Linux
+    /// shares new connections among every process bound so; when this one's drain starts, it
+    /// turns new connections away (they reach the others a second later, when their SYN is
+    /// retried) and accepts for half a second more what was already on its way, so closing
+    /// loses none. Not used for Unix sockets and listeners you pass in.
+    pub reuse_port: bool,
     /// Time allowed to read a request head, from its first byte (for a connection's first
     /// request: from accept). On expiry the client gets 408 if it sent anything, and the
     /// connection closes (`SERVICEGROUP_HEADER_READ_TIMEOUT_MS`, 0 = off).
@@ -108,8 +233,9 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            addr: DEFAULT_ADDR,
-            debug_addr: Some(DEFAULT_DEBUG_ADDR),
+            addr: Addr::Tcp(DEFAULT_ADDR),
+            debug_addr: Some(Addr::Tcp(DEFAULT_DEBUG_ADDR)),
+            reuse_port: false,
             header_read_timeout: Some(DEFAULT_TIMEOUT),
             write_timeout: Some(DEFAULT_TIMEOUT),
             idle_timeout: Some(DEFAULT_TIMEOUT),
@@ -132,8 +258,9 @@ impl Config {
     ///
     /// | variable | field | value |
     /// |---|---|---|
-    /// | `SERVICEGROUP_ADDR` | `addr` | `host:port`, e.g. `0.0.0.0:8080` |
-    /// | `SERVICEGROUP_DEBUG_ADDR` | `debug_addr` | `host:port`, or `off` |
+    /// | `SERVICEGROUP_ADDR` | `addr` | `host:port` (e.g. `0.0.0.0:8080`), `unix:/path` or `unix:@name` |
+    /// | `SERVICEGROUP_DEBUG_ADDR` | `debug_addr` | as `SERVICEGROUP_ADDR`, or `off` |
+    /// | `SERVICEGROUP_REUSE_PORT` | `reuse_port` | `1` or `0` (also `true`, `false`) |
     /// | `SERVICEGROUP_HEADER_READ_TIMEOUT_MS` | `header_read_timeout` | milliseconds, 0 = off |
     /// | `SERVICEGROUP_WRITE_TIMEOUT_MS` | `write_timeout` | milliseconds, 0 = off |
     /// | `SERVICEGROUP_IDLE_TIMEOUT_MS` | `idle_timeout` | milliseconds, 0 = off |
@@ -188,19 +315,18 @@ impl Config {
         if let Some(d) = parse_ms("SERVICEGROUP_DRAIN_DELAY_MS")? {
             config.drain_delay = d;
         }
-        if let Some(value) = get("SERVICEGROUP_ACCESS_LOG") {
-            config.access_log = match value.trim() {
-                "1" | "true" => true,
-                "0" | "false" => false,
-                _ => {
-                    return Err(Error::Config {
-                        name: "SERVICEGROUP_ACCESS_LOG",
-                        value,
-                        expected: "1 or 0 (true or false)",
-                    })
-                }
-            };
-        }
+        let flag = |name: &'static str, current: bool| -> Result<bool> {
+            match get(name) {
+                None => Ok(current),
+                Some(value) => match value.trim() {
+                    "1" | "true" => Ok(true),
+                    "0" | "false" => Ok(false),
+                    _ => Err(Error::Config { name, value, expected: "1 or 0 (true or false)" }),
+                },
+            }
+        };
+        config.access_log = flag("SERVICEGROUP_ACCESS_LOG", config.access_log)?;
+        config.reuse_port = flag("SERVICEGROUP_REUSE_PORT", config.reuse_port)?;
         if let Some(value) = get("SERVICEGROUP_THREADS") {
             config.threads = match value.trim().parse::<usize>() {
                 Ok(n) => n,
@@ -232,14 +358,12 @@ impl Config {
     }
 }
 
-/// Parses `host:port` (IPv4, `[IPv6]`, or `localhost`).
-fn parse_addr(name: &'static str, value: String) -> Result<SocketAddr> {
-    let trimmed = value.trim();
-    let parsed = match trimmed.strip_prefix("localhost:") {
-        Some(port) => port.parse::<u16>().ok().map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
-        None => trimmed.parse().ok(),
-    };
-    parsed.ok_or(Error::Config { name, value, expected: "an address like 0.0.0.0:8080 or [::]:8080" })
+/// Parses an [`Addr`] from the variable `name`; the error names the variable.
+fn parse_addr(name: &'static str, value: String) -> Result<Addr> {
+    value.parse().map_err(|e| match e {
+        Error::Config { expected, .. } => Error::Config { name, value, expected },
+        other => other,
+    })
 }
 
 #[cfg(test)]
@@ -256,7 +380,7 @@ mod tests {
     fn defaults() {
         let c = Config::default();
         assert_eq!(c.addr.to_string(), "0.0.0.0:8080");
-        assert_eq!(c.debug_addr.unwrap().to_string(), "127.0.0.1:6060");
+        assert_eq!(c.debug_addr.as_ref().unwrap().to_string(), "127.0.0.1:6060");
         assert_eq!(c.header_read_timeout, Some(Duration::from_secs(30)));
         assert_eq!(c.write_timeout, Some(Duration::from_secs(30)));
         assert_eq!(c.idle_timeout, Some(Duration::from_secs(30)));
@@ -283,7 +407,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.addr.to_string(), "127.0.0.1:0");
-        assert_eq!(c.debug_addr, None);
+        assert!(c.debug_addr.is_none());
         assert_eq!(c.header_read_timeout, Some(Duration::from_millis(250)));
         assert_eq!(c.write_timeout, None);
         assert_eq!(c.idle_timeout, Some(Duration::from_secs(1)));

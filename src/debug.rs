@@ -243,7 +243,7 @@ fn connections(state: &State, query: Option<&str>) -> Response<Body> {
         activity => activity.as_str().to_string(),
     };
     let total: usize = listing.totals.iter().sum();
-    let peer = |row: &Row| row.peer.map_or_else(|| "-".to_string(), |p| p.to_string());
+    let peer = |row: &Row| row.peer.as_ref().map_or_else(|| "-".to_string(), |p| p.to_string());
     if param("format") == Some("json") {
         let mut out =
             format!("{{\"total\":{total},\"shown\":{},\"draining\":{draining},\"phases\":{{", listing.rows.len());

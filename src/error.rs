@@ -2,7 +2,6 @@
 
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -53,10 +52,19 @@ pub enum Error {
     Bind {
         /// `"service"` or `"debug"`.
         server: &'static str,
-        /// The address that was asked for.
-        addr: SocketAddr,
+        /// The address that was asked for, as [`Addr`](crate::Addr) displays it
+        /// (`0.0.0.0:8080`, `unix:/run/app.sock`, ...).
+        addr: String,
         /// Why the operating system refused.
         source: io::Error,
+    },
+    /// systemd's socket activation (`LISTEN_FDS`) handed over something the group cannot
+    /// serve on.
+    Activation {
+        /// The file descriptor concerned, if one is.
+        fd: Option<usize>,
+        /// What is wrong with it, and what to change.
+        why: String,
     },
     /// A configuration value is invalid.
     Config {
@@ -165,6 +173,8 @@ impl fmt::Display for Error {
                     "Config::addr or SERVICEGROUP_ADDR"
                 }
             ),
+            Error::Activation { fd: Some(fd), why } => write!(f, "socket activation: fd {fd}: {why}"),
+            Error::Activation { fd: None, why } => write!(f, "socket activation: {why}"),
             Error::Config { name, value, expected } => write!(f, "invalid {name}={value:?}: expected {expected}"),
             Error::Io(e) => write!(f, "i/o error: {e}"),
             Error::BadRequest(why) => write!(f, "bad request: {why}"),
@@ -232,7 +242,7 @@ mod tests {
     fn messages_say_what_to_fix() {
         let e = Error::Bind {
             server: "service",
-            addr: "0.0.0.0:8080".parse().unwrap(),
+            addr: "0.0.0.0:8080".into(),
             source: io::Error::from(io::ErrorKind::AddrInUse),
         };
         let text = e.to_string();

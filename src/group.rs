@@ -3,24 +3,27 @@
 
 use std::fmt;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_executor::Executor;
+use async_io::Timer;
 use futures_lite::future::pending;
 use futures_lite::FutureExt;
 
-use crate::config::Config;
+use crate::config::{Addr, Config};
 use crate::debug::{self, Debug, UserRoute};
 use crate::error::{BoxError, Error, Result};
 use crate::h1::decode::Limits;
 use crate::handler::Handler;
+use crate::listen::{self, Bound};
 use crate::metrics::Metrics;
 use crate::runtime::{CancelOnDrop, Pool, Runtime, Tasks};
 use crate::server::clock::Clock;
 use crate::server::conn::{Context, Settings};
-use crate::server::{Drained, Listener, Server};
+use crate::notify::Notifier;
+use crate::server::{Drained, Server};
 use crate::shutdown::{Counter, Latch, Shutdown};
 use crate::signal::Signals;
 use crate::supervisor::{supervise, Member};
@@ -72,13 +75,15 @@ pub struct Group {
     /// The service server.
     service: Service,
     /// The service's bound address.
-    addr: SocketAddr,
+    addr: Addr,
     /// Set when the service's drain starts.
     service_drain: Latch,
     /// The service's open connections.
     service_connections: Counter,
     /// The debug server's listener, if enabled.
-    debug: Option<Listener>,
+    debug: Option<Bound>,
+    /// The service manager's notification socket, if `NOTIFY_SOCKET` names one.
+    notifier: Option<Notifier>,
     /// User debug routes.
     routes: Vec<UserRoute>,
     /// User members.
@@ -89,11 +94,30 @@ impl Group {
     /// Checks `config` and binds the service and debug listeners, so a busy port or a bad
     /// value is reported here, before anything runs. Nothing is accepted until
     /// [`Group::run`].
+    ///
+    /// Under systemd socket activation (`LISTEN_FDS` set, and `LISTEN_PID` this process or
+    /// unset), the listeners come from fds 3.. instead: the one named `service` in
+    /// `LISTEN_FDNAMES` (or the only one) replaces `Config::addr`, the one named `debug`
+    /// replaces `Config::debug_addr`; the variables are unset, so children do not inherit
+    /// them, and the log says which fd went where. An fd that is not a listening stream
+    /// socket is an [`Error::Activation`] naming it.
+    ///
+    /// When `NOTIFY_SOCKET` is set, [`Group::run`] tells the service manager `READY=1` once
+    /// it accepts, `STOPPING=1` and `STATUS=draining N connections` when the drain starts, and
+    /// `WATCHDOG=1` every half `WATCHDOG_USEC` while it runs (sd_notify(3); `Type=notify`).
     pub fn new(handler: impl Handler, config: Config) -> Result<Group> {
         config.validate()?;
-        let listener = Listener::bind("service", config.addr)?;
-        let debug = config.debug_addr.map(|addr| Listener::bind("debug", addr)).transpose()?;
-        let addr = listener.addr();
+        let activated = listen::activated()?;
+        let listener = match activated.service {
+            Some(listener) => listener,
+            None => Bound::bind("service", &config.addr, config.reuse_port)?,
+        };
+        let debug = match activated.debug {
+            Some(listener) => Some(listener),
+            None => config.debug_addr.as_ref().map(|addr| Bound::bind("debug", addr, false)).transpose()?,
+        };
+        let addr = listener.addr().clone();
+        let notifier = Notifier::from_env();
         let shutdown = Shutdown::default();
         let service_drain = Latch::default();
         let service_connections = Counter::default();
@@ -123,20 +147,22 @@ impl Group {
             service_drain,
             service_connections,
             debug,
+            notifier,
             routes: Vec::new(),
             members: Vec::new(),
         })
     }
 
-    /// The address the service server is bound to (with the real port when `Config::addr`
-    /// asked for port 0).
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    /// The address the service server is bound to: with the real port when `Config::addr`
+    /// asked for port 0, and where a listener passed in or by systemd is bound
+    /// ([`Addr::tcp`] gives the TCP address, if it is one).
+    pub fn addr(&self) -> Addr {
+        self.addr.clone()
     }
 
     /// The address the debug server is bound to, if it is enabled.
-    pub fn debug_addr(&self) -> Option<SocketAddr> {
-        self.debug.as_ref().map(Listener::addr)
+    pub fn debug_addr(&self) -> Option<Addr> {
+        self.debug.as_ref().map(|debug| debug.addr().clone())
     }
 
     /// A handle to start a graceful shutdown from code, and for members to observe it.
@@ -238,8 +264,18 @@ impl Group {
     /// group stops and drains.
     async fn serve(self, runtime: &Runtime<'_>, mode: &str) -> Result<()> {
         let debug_addr = self.debug_addr();
-        let Group { config, shutdown, service, addr, service_drain, service_connections, debug, routes, members } =
-            self;
+        let Group {
+            config,
+            shutdown,
+            service,
+            addr,
+            service_drain,
+            service_connections,
+            debug,
+            notifier,
+            routes,
+            members,
+        } = self;
         let places = runtime.places();
         let metrics = Arc::new(Metrics::new(places));
         // One clock for both servers. Its sweeper is a thread when the group has threads of
@@ -331,8 +367,9 @@ impl Group {
             });
         }
         log::info!(
-            "serving http://{addr} ({}; {})",
-            debug_addr.map_or("debug server off".into(), |a| format!("debug server on http://{a}")),
+            "serving {} ({}; {})",
+            url(&addr),
+            debug_addr.map_or("debug server off".into(), |a| format!("debug server on {}", url(&a))),
             mode
         );
         all.extend(members);
@@ -353,8 +390,14 @@ impl Group {
             }
             pending().await
         };
+        let notify = async {
+            if let Some(notifier) = &notifier {
+                notify(notifier, &addr, &shutdown, &service_connections).await;
+            }
+            pending().await
+        };
         let grace = config.drain_delay + config.shutdown_timeout;
-        let outcome = supervise(all, shutdown.latch(), grace).or(handle_signals).or(sweep).await;
+        let outcome = supervise(all, shutdown.latch(), grace).or(handle_signals).or(sweep).or(notify).await;
         // What the deadline left running is cut here, and closed before `run` returns.
         let cut = service_tasks.cut().await + debug_tasks.cut().await;
 
@@ -374,6 +417,47 @@ impl Group {
             }
         }
     }
+}
+
+/// How the start line names an address: a URL for TCP, the address itself otherwise.
+fn url(addr: &Addr) -> String {
+    match addr {
+        Addr::Tcp(addr) => format!("http://{addr}"),
+        other => other.to_string(),
+    }
+}
+
+/// How often the status line follows the count of connections left while draining.
+const STATUS_EVERY: Duration = Duration::from_millis(250);
+
+/// Tells the service manager: ready (the caller polls this after the servers started
+/// accepting), the watchdog's heartbeat while this is polled, and, once shutdown starts,
+/// stopping and how many service connections are left. Never returns.
+async fn notify(notifier: &Notifier, addr: &Addr, shutdown: &Shutdown, connections: &Counter) {
+    notifier.send(&format!("READY=1\nSTATUS=serving {}", url(addr)));
+    let heartbeat = || async {
+        match notifier.watchdog() {
+            Some(every) => loop {
+                Timer::after(every).await;
+                notifier.send("WATCHDOG=1");
+            },
+            None => pending().await,
+        }
+    };
+    heartbeat().or(shutdown.started()).await;
+    let mut left = connections.count();
+    notifier.send(&format!("STOPPING=1\nSTATUS=draining {left} connections"));
+    let status = async {
+        loop {
+            Timer::after(STATUS_EVERY).await;
+            let now = connections.count();
+            if now != left {
+                left = now;
+                notifier.send(&format!("STATUS=draining {left} connections"));
+            }
+        }
+    };
+    heartbeat().or(status).await
 }
 
 impl fmt::Debug for Group {

@@ -167,7 +167,9 @@ mod error;
 mod group;
 mod h1;
 mod handler;
+mod listen;
 mod metrics;
+mod notify;
 mod runtime;
 mod server;
 mod shutdown;
@@ -184,13 +186,14 @@ pub mod __fuzz;
 
 pub use body::Body;
 pub use config::{
-    Config, DEFAULT_ADDR, DEFAULT_DEBUG_ADDR, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEADER_BYTES,
+    Addr, Config, DEFAULT_ADDR, DEFAULT_DEBUG_ADDR, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_TIMEOUT,
 };
 pub use debug::MAX_PROFILE_SECONDS;
 pub use error::{BoxError, Error, Phase, Result};
 pub use group::Group;
 pub use handler::Handler;
+pub use listen::Listener;
 pub use server::conn::DRAIN_LIMIT;
 pub use shutdown::Shutdown;
 

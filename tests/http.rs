@@ -432,7 +432,7 @@ in_every_runtime! {
     fn binding_a_busy_address_names_it() -> io::Result<()> {
         let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
         let mut cfg = config();
-        cfg.addr = taken.local_addr()?;
+        cfg.addr = taken.local_addr()?.into();
         let (handler, _) = app();
         let err = servicegroup::Group::new(handler, cfg).unwrap_err();
         let text = err.to_string();

@@ -54,7 +54,7 @@ fn embedded_under(host: fn(RunFuture) -> JoinHandle<servicegroup::Result<()>>) -
     let mut cfg = config();
     cfg.threads = 0;
     let group = Group::new(handler, cfg).expect("bind");
-    let (addr, shutdown) = (group.addr(), group.shutdown());
+    let (addr, shutdown) = (group.addr().tcp().unwrap(), group.shutdown());
     let run = async move {
         let (result, ()) = futures_lite::future::zip(group.run(), task).await;
         result
@@ -178,7 +178,7 @@ in_every_runtime! {
     fn dropping_the_groups_future_closes_every_connection() -> io::Result<()> {
         let (handler, calls) = app();
         let group = Group::new(handler, config()).expect("bind");
-        let addr = group.addr();
+        let addr = group.addr().tcp().unwrap();
         let (abandon, abandoned) = smol::channel::bounded(1);
         let _thread = run_until_abandoned(group, abandoned);
         let mut idle = Client::new(addr);

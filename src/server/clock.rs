@@ -14,7 +14,6 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -27,6 +26,8 @@ use event_listener::Event;
 use futures_lite::future::poll_fn;
 use futures_lite::FutureExt;
 use slab::Slab;
+
+use crate::listen::Peer;
 
 /// The least time between two sweeps: deadlines fire up to this late. It bounds the sweeper's
 /// work when many connections have deadlines close together.
@@ -85,7 +86,7 @@ struct Slot {
     /// Whether the connections view lists it (the service's are; the debug server's not).
     listed: bool,
     /// The client's address.
-    peer: Option<SocketAddr>,
+    peer: Option<Peer>,
     /// When the connection was accepted.
     opened: Instant,
     /// The [`Activity`] (top byte) and when it started, in milliseconds after `opened`.
@@ -144,7 +145,7 @@ impl Activity {
 #[derive(Debug, Clone)]
 pub(crate) struct Row {
     /// The client's address.
-    pub(crate) peer: Option<SocketAddr>,
+    pub(crate) peer: Option<Peer>,
     /// What it is doing.
     pub(crate) activity: Activity,
     /// Age of the connection.
@@ -184,13 +185,13 @@ impl Tracker {
     }
 
     /// The client's address.
-    pub(crate) fn peer(&self) -> Option<SocketAddr> {
-        self.0.peer
+    pub(crate) fn peer(&self) -> Option<Peer> {
+        self.0.peer.clone()
     }
 
     /// The client's address as logs name it.
     pub(crate) fn peer_name(&self) -> String {
-        self.0.peer.map_or_else(|| "unknown peer".into(), |a| a.to_string())
+        self.0.peer.as_ref().map_or_else(|| "unknown peer".into(), |a| a.to_string())
     }
 
     /// Shows (or with `None` clears) the exchange in flight.
@@ -207,7 +208,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Clock {
     /// A new deadline slot for a connection from `peer`, registered with the sweeper (and
     /// shown in the connections view if `listed`) until dropped.
-    pub(crate) fn deadline(&self, peer: Option<SocketAddr>, listed: bool) -> Deadline {
+    pub(crate) fn deadline(&self, peer: Option<Peer>, listed: bool) -> Deadline {
         let slot = Arc::new(Slot {
             deadline: AtomicU64::new(NONE),
             waker: Mutex::default(),
@@ -234,7 +235,7 @@ impl Clock {
                 let age = now.saturating_duration_since(slot.opened);
                 let since = Duration::from_millis(packed & (u64::MAX >> 8));
                 listing.rows.push(Row {
-                    peer: slot.peer,
+                    peer: slot.peer.clone(),
                     activity,
                     age,
                     in_activity: age.saturating_sub(since),

@@ -16,7 +16,6 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex};
@@ -36,6 +35,7 @@ use crate::error::{decode_status, Error, Phase};
 use crate::h1::decode::{self, BodyDecoder, DecodeError, Head, HeadScanner, Limits};
 use crate::h1::encode::{self, DATE_LEN};
 use crate::handler::Handler;
+use crate::listen::Peer;
 use crate::metrics::{Metrics, Reject, Shard};
 use crate::shutdown::{Latch, Slot};
 use crate::upgrade::{Link, Serve, Tunnel, Upgraded};
@@ -117,7 +117,7 @@ pub(crate) struct Context<H> {
 /// (a future that moves what it captured into a local holds both).
 pub(crate) fn serve<I: Io, H: Handler>(
     io: I,
-    peer: Option<SocketAddr>,
+    peer: Option<Peer>,
     ctx: Arc<Context<H>>,
     place: usize,
     done: impl Send + 'static,

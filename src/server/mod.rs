@@ -6,15 +6,14 @@ pub(crate) mod conn;
 mod exchange;
 mod stream;
 
-use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_io::{Async, Timer};
+use async_io::Timer;
 use futures_lite::FutureExt;
 
-use crate::error::{Error, Result};
 use crate::handler::Handler;
+use crate::listen::{Accepted, Bound, Peer, TURN_AWAY_SETTLE};
 use crate::runtime::{Runtime, Tasks};
 use crate::shutdown::Counter;
 use conn::Context;
@@ -25,37 +24,11 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 /// Longest pause between failed accepts; the pause doubles up to this.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// A bound listening socket.
-pub(crate) struct Listener {
-    /// `"service"` or `"debug"`, for logs and errors.
-    name: &'static str,
-    /// The socket.
-    inner: Async<TcpListener>,
-    /// The address it is bound to (port 0 resolved).
-    addr: SocketAddr,
-}
-
-impl Listener {
-    /// Binds `addr`; the error names the server and the address.
-    pub(crate) fn bind(name: &'static str, addr: SocketAddr) -> Result<Listener> {
-        let bind_error = |source| Error::Bind { server: name, addr, source };
-        let listener = TcpListener::bind(addr).map_err(bind_error)?;
-        let addr = listener.local_addr().map_err(bind_error)?;
-        let inner = Async::new(listener).map_err(bind_error)?;
-        Ok(Listener { name, inner, addr })
-    }
-
-    /// The bound address.
-    pub(crate) fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
 /// A listener, the context its connections share, and the count of open connections (kept by
 /// the runtime's [`Tasks`], one task per connection).
 pub(crate) struct Server<H> {
     /// Where connections come from.
-    listener: Listener,
+    listener: Bound,
     /// What every connection shares.
     ctx: Arc<Context<H>>,
     /// Open connections: the drain waits for zero, `max_connections` for room.
@@ -68,7 +41,7 @@ impl<H: Handler> Server<H> {
     /// A server that will accept on `listener`, counting its open connections in
     /// `connections`.
     pub(crate) fn new(
-        listener: Listener,
+        listener: Bound,
         ctx: Context<H>,
         connections: Counter,
         max_connections: Option<usize>,
@@ -102,8 +75,10 @@ pub(crate) struct Drained {
 }
 
 /// Accepts until the drain starts. Accept errors never end the loop: it backs off and retries.
+/// A reuse-port listener then turns new connections away and accepts what was already on
+/// its way for [`TURN_AWAY_SETTLE`] more. The listener closes as this returns.
 async fn accept_loop<H: Handler>(
-    listener: Listener,
+    listener: Bound,
     ctx: &Arc<Context<H>>,
     connections: &Counter,
     max_connections: Option<usize>,
@@ -112,7 +87,20 @@ async fn accept_loop<H: Handler>(
 ) {
     let stop = ctx.close_idle.clone();
     let mut backoff = None;
-    log::debug!("{} server: listening on http://{}", listener.name, listener.addr);
+    let spawn = |accepted| {
+        let ctx = ctx.clone();
+        match accepted {
+            Accepted::Tcp(stream, peer) => {
+                log::trace!("{peer}: accepted");
+                runtime.spawn(tasks, move |place, done| conn::serve(stream, Some(Peer::Tcp(peer)), ctx, place, done));
+            }
+            Accepted::Unix(stream, peer) => {
+                log::trace!("{peer}: accepted");
+                runtime.spawn(tasks, move |place, done| conn::serve(stream, Some(peer), ctx, place, done));
+            }
+        }
+    };
+    log::debug!("{} server: listening on {}", listener.name, listener.addr());
     loop {
         // Check, listen, re-check; the listener then serves every wait in this iteration.
         let mut closing = stop.listen();
@@ -125,18 +113,15 @@ async fn accept_loop<H: Handler>(
                 break;
             }
         }
-        let accepted = async { Some(listener.inner.accept().await) }.or(async {
+        let accepted = async { Some(listener.accept().await) }.or(async {
             (&mut closing).await;
             None
         });
         match accepted.await {
             None => break,
-            Some(Ok((stream, peer))) => {
+            Some(Ok(accepted)) => {
                 backoff = None;
-                let _ = stream.get_ref().set_nodelay(true);
-                let ctx = ctx.clone();
-                log::trace!("{peer}: accepted");
-                runtime.spawn(tasks, move |place, done| conn::serve(stream, Some(peer), ctx, place, done));
+                spawn(accepted);
             }
             Some(Err(e)) => {
                 let pause = backoff.map_or(ACCEPT_BACKOFF_MIN, |d: Duration| (d * 2).min(ACCEPT_BACKOFF_MAX));
@@ -156,6 +141,27 @@ async fn accept_loop<H: Handler>(
                     break;
                 }
             }
+        }
+    }
+    if listener.is_reuse_port() {
+        match listener.turn_away() {
+            Ok(()) => {
+                log::debug!("{} server: turning new connections away; accepting for {TURN_AWAY_SETTLE:?} more", listener.name);
+                let until = std::time::Instant::now() + TURN_AWAY_SETTLE;
+                let settled = || async move {
+                    Timer::at(until).await;
+                    None
+                };
+                while let Some(accepted) = async { Some(listener.accept().await) }.or(settled()).await {
+                    match accepted {
+                        Ok(accepted) => spawn(accepted),
+                        Err(_) => {
+                            Timer::after(ACCEPT_BACKOFF_MIN).await;
+                        }
+                    }
+                }
+            }
+            Err(e) => log::warn!("{} server: could not turn new connections away before closing: {e}", listener.name),
         }
     }
     log::debug!("{} server: stopped accepting", listener.name);

@@ -37,27 +37,33 @@ pub(crate) trait Io: Send + Sync + 'static {
     fn shutdown(&self);
 }
 
-impl Io for Async<TcpStream> {
-    fn poll_read(&self, cx: &mut TaskContext<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        futures_lite::AsyncRead::poll_read(Pin::new(&mut &*self), cx, buf)
-    }
+/// A socket registered with the reactor is an [`Io`]: TCP, and Unix streams.
+macro_rules! socket_io {
+    ($($stream:ty),*) => {$(
+        impl Io for Async<$stream> {
+            fn poll_read(&self, cx: &mut TaskContext<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+                futures_lite::AsyncRead::poll_read(Pin::new(&mut &*self), cx, buf)
+            }
 
-    fn poll_readable(&self, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Async::poll_readable(self, cx)
-    }
+            fn poll_readable(&self, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+                Async::poll_readable(self, cx)
+            }
 
-    fn poll_write_vectored(&self, cx: &mut TaskContext<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        futures_lite::AsyncWrite::poll_write_vectored(Pin::new(&mut &*self), cx, bufs)
-    }
+            fn poll_write_vectored(&self, cx: &mut TaskContext<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
+                futures_lite::AsyncWrite::poll_write_vectored(Pin::new(&mut &*self), cx, bufs)
+            }
 
-    fn shutdown_write(&self) {
-        let _ = self.get_ref().shutdown(std::net::Shutdown::Write);
-    }
+            fn shutdown_write(&self) {
+                let _ = self.get_ref().shutdown(std::net::Shutdown::Write);
+            }
 
-    fn shutdown(&self) {
-        let _ = self.get_ref().shutdown(std::net::Shutdown::Both);
-    }
+            fn shutdown(&self) {
+                let _ = self.get_ref().shutdown(std::net::Shutdown::Both);
+            }
+        }
+    )*};
 }
+socket_io!(TcpStream, std::os::unix::net::UnixStream);
 
 /// Writes all of `out`, emptying it as bytes leave (so a cancelled flush never resends).
 pub(super) async fn flush<I: Io>(io: &I, out: &mut Vec<u8>) -> io::Result<()> {

@@ -86,9 +86,11 @@ pub fn config() -> Config {
 
 /// A running group.
 pub struct Server {
-    /// The service address.
+    /// The service address (unspecified, port 0, when it is not TCP: see `bound`).
     pub addr: SocketAddr,
-    /// The debug address, when enabled.
+    /// The service address as the group reports it.
+    pub bound: servicegroup::Addr,
+    /// The debug address, when enabled and TCP.
     pub debug_addr: Option<SocketAddr>,
     /// Starts the graceful shutdown.
     pub shutdown: Shutdown,
@@ -104,7 +106,9 @@ impl Server {
 
     /// Starts a group built by the test, in this test's mode.
     pub fn from_group(group: Group) -> Server {
-        let (addr, debug_addr, shutdown) = (group.addr(), group.debug_addr(), group.shutdown());
+        let (bound, shutdown) = (group.addr(), group.shutdown());
+        let addr = bound.tcp().unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
+        let debug_addr = group.debug_addr().and_then(|a| a.tcp());
         let thread = match runtime() {
             Runtime::Threads | Runtime::Inline => {
                 std::thread::spawn(move || futures_lite::future::block_on(group.run()))
@@ -127,7 +131,7 @@ impl Server {
                 result
             }),
         };
-        Server { addr, debug_addr, shutdown, thread: Some(thread) }
+        Server { addr, bound, debug_addr, shutdown, thread: Some(thread) }
     }
 
     /// Starts a graceful shutdown and returns what `run` returned.

@@ -38,9 +38,22 @@ impl Example {
         let script = format!("{shell_prefix} exec \"$0\"");
         let mut command = Command::new("sh");
         command.arg("-c").arg(script).arg(example_server());
-        command.env("SERVICEGROUP_ADDR", "127.0.0.1:0").env("SERVICEGROUP_DEBUG_ADDR", "127.0.0.1:0");
         for (k, v) in env {
             command.env(k, v);
+        }
+        Example::spawn(command)
+    }
+
+    /// Spawns `command` (which runs the example server, with `SERVICEGROUP_ADDR` and
+    /// `SERVICEGROUP_DEBUG_ADDR` at loopback port 0 unless it sets them) and waits for its
+    /// start line.
+    pub fn spawn(mut command: Command) -> Example {
+        let set = |command: &Command, name: &str| command.get_envs().any(|(k, _)| k == name);
+        if !set(&command, "SERVICEGROUP_ADDR") {
+            command.env("SERVICEGROUP_ADDR", "127.0.0.1:0");
+        }
+        if !set(&command, "SERVICEGROUP_DEBUG_ADDR") {
+            command.env("SERVICEGROUP_DEBUG_ADDR", "127.0.0.1:0");
         }
         let mut child =
             command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
