@@ -1,6 +1,7 @@
 //! The drain never waits on a connection that is not serving a request: keep-alive
-//! connections in any state between requests close at once, a half-read head gets a short
-//! grace, and a drain with nothing cut is a clean end.
+//! connections in any state between requests close at once, a half-read head and a new
+//! connection yet to send its first byte get a short grace, and a drain with nothing cut is a
+//! clean end.
 
 #[macro_use]
 mod common;
@@ -111,6 +112,41 @@ in_every_runtime! {
         assert_eq!(calls.load(Ordering::SeqCst), 1, "only the probe reached the handler");
         server.join().map_err(io::Error::other)?;
         assert!(start.elapsed() < PROMPT);
+        Ok(())
+    }
+}
+
+in_every_runtime! {
+    fn a_new_connections_first_request_sent_just_after_the_drain_starts_is_served_not_reset() -> io::Result<()> {
+        let (server, _) = server();
+        // Connections are accepted in order: once the probe is answered, `fresh` was accepted.
+        let mut fresh = Client::new(server.addr);
+        let mut probe = Client::new(server.addr);
+        assert_eq!(probe.request(&common::get("/")).text(), "hello");
+        server.shutdown.start();
+        // The drain has started once it closed the probe, idle between requests.
+        assert!(probe.is_closed());
+        let response = fresh.request(&common::get("/"));
+        assert_eq!((response.status, response.header("connection")), (200, Some("close")));
+        assert!(fresh.is_closed());
+        assert_prompt_clean_stop(server)
+    }
+}
+
+in_every_runtime! {
+    fn a_new_connection_that_stays_silent_closes_after_the_grace() -> io::Result<()> {
+        let (server, calls) = server();
+        let mut silent = connect(server.addr);
+        let mut probe = Client::new(server.addr);
+        assert_eq!(probe.request(&common::get("/")).text(), "hello");
+        let start = Instant::now();
+        server.shutdown.start();
+        let text = read_to_close(&mut silent);
+        let waited = start.elapsed();
+        assert_eq!(text, "", "nothing was asked, nothing is answered");
+        assert!(waited >= GRACE_AT_LEAST && waited < PROMPT, "{waited:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        server.join().map_err(io::Error::other)?;
         Ok(())
     }
 }

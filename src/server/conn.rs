@@ -52,7 +52,10 @@ pub(crate) const LINGER: Duration = Duration::from_millis(500);
 
 /// How much longer a request head still being read may take once the drain starts (at most
 /// the header-read timeout's remainder): enough for a head already on its way, short enough
-/// that one stalled client cannot hold a restart to its deadline. It then gets 408.
+/// that one stalled client cannot hold a restart to its deadline. It then gets 408. A new
+/// connection that has not sent its first byte yet gets the same grace (Go's net/http leaves
+/// new connections 5 s): its client may be sending its first request right now, and closing
+/// would answer that request with a reset.
 pub(crate) const DRAIN_HEAD_GRACE: Duration = Duration::from_secs(1);
 
 /// Bytes a lingering connection reads and discards at most.
@@ -230,7 +233,7 @@ impl<I: Io, H: Handler> Conn<I, H> {
                     self.deadline.set(after(self.now, self.ctx.settings.idle_timeout));
                     self.tracker.enter(Activity::Idle, self.now);
                 }
-                match self.wait_for_request().await {
+                match self.wait_for_request(first).await {
                     Some(Ok(Wait::Readable)) => {}
                     Some(Ok(Wait::Drain)) => return Ok(()),
                     Some(Err(e)) => return Err(e.into()),
@@ -298,28 +301,35 @@ impl<I: Io, H: Handler> Conn<I, H> {
     }
 
     /// Waits until a byte of the next request is buffered (or the client closed), the
-    /// deadline passes (`None`), or the drain starts.
+    /// deadline passes (`None`), or the drain starts; for the `first` request, the drain
+    /// only shortens the deadline to [`DRAIN_HEAD_GRACE`].
     ///
     /// Readiness is only a hint: async-io reports a socket readable if an event arrived since
     /// the last wait, even when a read already took those bytes (a request body that arrived
     /// after its handler started waiting leaves such a stale event). So a wake-up reads, and
     /// one that finds nothing, or only empty lines (RFC 9112 §2.2), keeps waiting under the
     /// same deadline and the same drain signal: the connection is still between requests.
-    async fn wait_for_request(&mut self) -> Option<io::Result<Wait>> {
+    async fn wait_for_request(&mut self, first: bool) -> Option<io::Result<Wait>> {
         debug_assert!(self.out.is_empty(), "waiting with unsent responses");
         // An idle connection holds no buffers.
         self.shared.lock().buf.release();
         release_out(&mut self.out);
+        // Whether the drain has started (and only shortened a first request's deadline).
+        let mut draining = false;
         if self.ctx.close_idle.is_set() {
-            return Some(Ok(Wait::Drain));
+            if !first {
+                return Some(Ok(Wait::Drain));
+            }
+            draining = true;
+            self.deadline.at_most(Instant::now() + DRAIN_HEAD_GRACE);
         }
         // One poll function for the three-way race: the smallest state an idle task can hold.
         let Conn { shared, deadline, drain, .. } = self;
         // After a read found nothing, that read's registration is what wakes the task: read
         // again rather than ask for readiness (one call per wake-up, not two).
         let mut read_next = false;
-        deadline
-            .race_fn(|cx| {
+        loop {
+            let waited = deadline.race_fn(|cx| {
                 loop {
                     if !std::mem::take(&mut read_next) {
                         match shared.io.poll_readable(cx) {
@@ -343,9 +353,19 @@ impl<I: Io, H: Handler> Conn<I, H> {
                         }
                     }
                 }
+                if draining {
+                    return Poll::Pending;
+                }
                 drain.poll(cx).map(|()| Ok(Wait::Drain))
-            })
-            .await
+            });
+            match waited.await {
+                Some(Ok(Wait::Drain)) if first => {
+                    draining = true;
+                    deadline.at_most(Instant::now() + DRAIN_HEAD_GRACE);
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Reads until a whole head parses, into `self.head`. `Ok(false)`: the client closed (or
