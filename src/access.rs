@@ -69,13 +69,7 @@ struct Fields {
 
 impl Entry {
     /// An exchange of the request `method uri version` from `peer`, started at `started`.
-    pub(crate) fn new(
-        peer: Option<Peer>,
-        method: &Method,
-        uri: &Uri,
-        version: Version,
-        started: Instant,
-    ) -> Self {
+    pub(crate) fn new(peer: Option<Peer>, method: &Method, uri: &Uri, version: Version, started: Instant) -> Self {
         let target = uri.path_and_query().map_or_else(|| uri.to_string(), |p| p.as_str().to_owned());
         Entry(Box::new(Fields { peer, request: Some((method.clone(), target, version)), started, written: false }))
     }

@@ -102,7 +102,9 @@ impl FromStr for Addr {
             Some(port) => port.parse::<u16>().ok().map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
             None => trimmed.parse().ok(),
         };
-        parsed.map(Addr::Tcp).ok_or_else(|| bad("an address like 0.0.0.0:8080, [::]:8080, unix:/run/app.sock or unix:@name"))
+        parsed
+            .map(Addr::Tcp)
+            .ok_or_else(|| bad("an address like 0.0.0.0:8080, [::]:8080, unix:/run/app.sock or unix:@name"))
     }
 }
 

@@ -19,10 +19,10 @@ use crate::h1::decode::Limits;
 use crate::handler::Handler;
 use crate::listen::{self, Bound};
 use crate::metrics::Metrics;
+use crate::notify::Notifier;
 use crate::runtime::{CancelOnDrop, Pool, Runtime, Tasks};
 use crate::server::clock::Clock;
 use crate::server::conn::{Context, Settings};
-use crate::notify::Notifier;
 use crate::server::{Drained, Server};
 use crate::shutdown::{Counter, Latch, Shutdown};
 use crate::signal::Signals;
@@ -400,6 +400,12 @@ impl Group {
         let outcome = supervise(all, shutdown.latch(), grace).or(handle_signals).or(sweep).or(notify).await;
         // What the deadline left running is cut here, and closed before `run` returns.
         let cut = service_tasks.cut().await + debug_tasks.cut().await;
+        if let Some(notifier) = &notifier {
+            notifier.send(&match cut {
+                0 => "STATUS=drained".to_string(),
+                n => format!("STATUS=shutdown deadline: cut {n} connections"),
+            });
+        }
 
         // The servers may be "unfinished" only because the deadline came first (a zero
         // timeout): what counts as cut is open connections and the user's members.
@@ -432,7 +438,8 @@ const STATUS_EVERY: Duration = Duration::from_millis(250);
 
 /// Tells the service manager: ready (the caller polls this after the servers started
 /// accepting), the watchdog's heartbeat while this is polled, and, once shutdown starts,
-/// stopping and how many service connections are left. Never returns.
+/// stopping and how many service connections are left (the caller says the last word:
+/// drained, or cut at the deadline). Never returns.
 async fn notify(notifier: &Notifier, addr: &Addr, shutdown: &Shutdown, connections: &Counter) {
     notifier.send(&format!("READY=1\nSTATUS=serving {}", url(addr)));
     let heartbeat = || async {

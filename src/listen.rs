@@ -81,9 +81,9 @@ impl Listener {
     fn take(&self) -> io::Result<Socket> {
         let handed = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
         match handed {
-            None => Err(io::Error::other(
-                "this Listener was already taken by another Group (clones of a Config share it)",
-            )),
+            None => {
+                Err(io::Error::other("this Listener was already taken by another Group (clones of a Config share it)"))
+            }
             Some(Handed::Tcp(l)) => Ok(Socket::Tcp(Arc::new(Async::new(l)?))),
             Some(Handed::Unix(l)) => Ok(Socket::Unix(Arc::new(Async::new(l)?))),
             Some(Handed::AsyncTcp(l)) => Ok(Socket::Tcp(l)),
@@ -227,7 +227,11 @@ impl Bound {
         let (socket, file, reuse_port) = match addr {
             Addr::Tcp(a) => {
                 let listener = if reuse_port { bind_reuse_port(*a) } else { TcpListener::bind(a) };
-                (Socket::Tcp(Arc::new(Async::new(listener.map_err(bind_error)?).map_err(bind_error)?)), None, reuse_port)
+                (
+                    Socket::Tcp(Arc::new(Async::new(listener.map_err(bind_error)?).map_err(bind_error)?)),
+                    None,
+                    reuse_port,
+                )
             }
             Addr::Unix(path) => {
                 let (listener, file) = bind_unix(path).map_err(bind_error)?;

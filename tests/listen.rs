@@ -241,3 +241,85 @@ fn addresses_parse_and_display_the_same_way() {
         assert!(text.contains(bad), "{text}");
     }
 }
+
+/// Serves `tag` on every path but `/hold`, which counts itself in `holding` and waits for
+/// `gate` to close.
+fn tagged(
+    tag: &'static str,
+    holding: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    gate: smol::channel::Receiver<()>,
+) -> impl servicegroup::Handler {
+    move |req: servicegroup::http::Request<servicegroup::Body>| {
+        let (holding, gate) = (holding.clone(), gate.clone());
+        async move {
+            if req.uri().path() == "/hold" && tag == "a" {
+                holding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = gate.recv().await;
+            }
+            servicegroup::http::Response::new(servicegroup::Body::from(tag))
+        }
+    }
+}
+
+#[test]
+fn a_reuse_port_listener_serves_its_backlog_when_it_closes_instead_of_resetting_it() -> io::Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (release, gate) = smol::channel::bounded::<()>(1);
+    let holding = Arc::new(AtomicUsize::new(0));
+    // A admits one connection at a time: while one is held, new ones wait in its backlog.
+    let mut cfg = config();
+    cfg.reuse_port = true;
+    cfg.max_connections = Some(1);
+    let a = Server::start(tagged("a", holding.clone(), gate.clone()), cfg);
+    let mut cfg = config();
+    cfg.reuse_port = true;
+    cfg.addr = a.addr.into();
+    let b = Server::start(tagged("b", holding.clone(), gate), cfg);
+    assert_eq!(b.addr, a.addr, "both on one port");
+
+    // Hold A's one connection: Linux spreads connections between A and B by their ports, so
+    // open connections until A has one (B answers /hold at once).
+    let mut held = None;
+    while held.is_none() {
+        let mut stream = common::connect(a.addr);
+        stream.write_all(b"GET /hold HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+        stream.set_nonblocking(true)?;
+        let mut first = [0; 1];
+        loop {
+            if holding.load(Ordering::SeqCst) == 1 {
+                held = Some(stream);
+                break;
+            }
+            match stream.read(&mut first) {
+                Ok(_) => break, // B answered; try another connection
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let mut held = held.unwrap();
+    held.set_nonblocking(false)?;
+
+    // Twenty more: those that land on A wait in its backlog (B answers its own at once).
+    let mut waiting = Vec::new();
+    for _ in 0..20 {
+        let mut stream = common::connect(a.addr);
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+        waiting.push(stream);
+    }
+    // A drains: its listener closes with that backlog queued on it.
+    a.shutdown.start();
+    let mut from_a = 0;
+    for mut stream in waiting {
+        let response = common::read_to_close(&mut stream);
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "a queued connection was lost: {response:?}");
+        from_a += usize::from(response.ends_with("\r\n\r\na"));
+    }
+    assert!(from_a > 0, "some connections waited in A's backlog and A served them while closing");
+    drop(release);
+    assert!(common::read_to_close(&mut held).ends_with("a"));
+    a.join().expect("A drained cleanly");
+    b.stop().expect("B drained cleanly");
+    Ok(())
+}

@@ -29,7 +29,8 @@ fn embedded_mode_starts_no_thread() -> io::Result<()> {
     // group's: start it first, so that what is counted is the group's alone.
     futures_lite::future::block_on(async_io::Timer::after(Duration::from_millis(1)));
     let group = Group::new(handler, cfg).expect("bind");
-    let (addr, debug, shutdown) = (group.addr().tcp().unwrap(), group.debug_addr().unwrap().tcp().unwrap(), group.shutdown());
+    let (addr, debug, shutdown) =
+        (group.addr().tcp().unwrap(), group.debug_addr().unwrap().tcp().unwrap(), group.shutdown());
     let before = threads();
     let (result, after) = smol::block_on(async {
         let client = async {

@@ -146,7 +146,10 @@ async fn accept_loop<H: Handler>(
     if listener.is_reuse_port() {
         match listener.turn_away() {
             Ok(()) => {
-                log::debug!("{} server: turning new connections away; accepting for {TURN_AWAY_SETTLE:?} more", listener.name);
+                log::info!(
+                    "{} server: turning new connections away (SO_REUSEPORT); accepting for {TURN_AWAY_SETTLE:?} more",
+                    listener.name
+                );
                 let until = std::time::Instant::now() + TURN_AWAY_SETTLE;
                 let settled = || async move {
                     Timer::at(until).await;

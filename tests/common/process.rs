@@ -33,10 +33,11 @@ pub struct Example {
 }
 
 impl Example {
-    /// Starts the example through `sh -c "<prefix> exec <server>"` with extra environment.
+    /// Starts the example through `bash -c "<prefix> exec <server>"` with extra environment
+    /// (bash: its redirections take fds above 9).
     pub fn start(shell_prefix: &str, env: &[(&str, &str)]) -> Example {
         let script = format!("{shell_prefix} exec \"$0\"");
-        let mut command = Command::new("sh");
+        let mut command = Command::new("bash");
         command.arg("-c").arg(script).arg(example_server());
         for (k, v) in env {
             command.env(k, v);
