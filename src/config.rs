@@ -418,6 +418,12 @@ mod tests {
         assert_eq!(c.threads, 3);
         assert_eq!(from(&[("SERVICEGROUP_THREADS", "0")]).unwrap().threads, 0, "0: no threads of its own");
         assert!(from(&[("SERVICEGROUP_ACCESS_LOG", "1")]).unwrap().access_log);
+        assert!(from(&[("SERVICEGROUP_REUSE_PORT", "true")]).unwrap().reuse_port);
+        assert!(!Config::default().reuse_port);
+        let c = from(&[("SERVICEGROUP_ADDR", "unix:/run/app.sock"), ("SERVICEGROUP_DEBUG_ADDR", "unix:@app-debug")])
+            .unwrap();
+        assert!(matches!(&c.addr, Addr::Unix(path) if path.to_str() == Some("/run/app.sock")));
+        assert!(matches!(&c.debug_addr, Some(Addr::Abstract(name)) if name == "app-debug"));
         assert!(!Config::default().access_log);
         let c = from(&[("SERVICEGROUP_DEBUG_ADDR", "[::1]:9000"), ("SERVICEGROUP_ADDR", "localhost:81")]).unwrap();
         assert_eq!(c.debug_addr.unwrap().to_string(), "[::1]:9000");
@@ -436,6 +442,9 @@ mod tests {
             ("SERVICEGROUP_DRAIN_DELAY_MS", "x"),
             ("SERVICEGROUP_THREADS", "two"),
             ("SERVICEGROUP_ACCESS_LOG", "yes"),
+            ("SERVICEGROUP_REUSE_PORT", "on"),
+            ("SERVICEGROUP_ADDR", "unix:"),
+            ("SERVICEGROUP_DEBUG_ADDR", "unix:@"),
         ];
         for (name, value) in table {
             let text = from(&[(name, value)]).unwrap_err().to_string();

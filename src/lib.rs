@@ -44,9 +44,14 @@
 //! handler can await the host's timers and channels. `bench/run.py --modes-only` measures
 //! the modes side by side (README, "Performance").
 //!
-//! Listeners are `async_io::Async<std::net::TcpListener>`: `async_net::TcpListener` is an
-//! `Arc` around exactly that, and the accept loop, the only user, needs no sharing, so each
-//! accepted connection is an `Async<TcpStream>` with no `Arc` to pay per connection.
+//! Where the servers listen is an [`Addr`]: a TCP address, a Unix socket path (`unix:/path`),
+//! a Linux abstract socket (`unix:@name`), or a [`Listener`] you bound yourself, made from a
+//! std or an `async_net` TCP or Unix listener (async-net's listener types are the ones a
+//! smol application already holds; the accept loop then uses the `Async` inside). Under
+//! systemd socket activation the group takes the sockets systemd passes instead, and with
+//! `NOTIFY_SOCKET` set it reports readiness, stopping and the watchdog (see [`Group::new`]).
+//! Each accepted connection is an `async_io::Async` stream with no `Arc` to pay per
+//! connection.
 //!
 //! # Examples
 //!
@@ -86,6 +91,7 @@
 //!   debug routes ([`Group::debug_route`]), the bound addresses ([`Group::addr`],
 //!   [`Group::debug_addr`]), a [`Shutdown`] handle, and where to run ([`Group::run`],
 //!   [`Group::run_on`]).
+//! - [`Addr`] and [`Listener`]: where the service and debug servers listen.
 //! - [`Config`] and the `DEFAULT_*` constants it starts from ([`DEFAULT_ADDR`],
 //!   [`DEFAULT_DEBUG_ADDR`], [`DEFAULT_TIMEOUT`], [`DEFAULT_MAX_HEADER_BYTES`],
 //!   [`DEFAULT_MAX_HEADERS`], [`DEFAULT_MAX_BODY_BYTES`]); [`DRAIN_LIMIT`] and

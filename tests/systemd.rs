@@ -416,3 +416,28 @@ fn as_pid_1_of_a_pid_namespace_sigterm_drains_and_exits_0() -> io::Result<()> {
 fn as_pid_1_of_a_pid_namespace_sigint_drains_and_exits_0() -> io::Result<()> {
     as_pid_1("INT")
 }
+
+#[test]
+fn the_example_systemd_units_verify() -> io::Result<()> {
+    let _serial = serial();
+    // systemd-analyze checks that ExecStart= exists: point it at the example built here.
+    let dir = temp_dir("units");
+    let units = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/systemd");
+    for name in ["servicegroup-example.socket", "servicegroup-example.service"] {
+        let text = std::fs::read_to_string(units.join(name))?;
+        let text = text.replace("/usr/local/bin/example_server", example_server().to_str().unwrap());
+        std::fs::write(dir.join(name), text)?;
+    }
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.join("servicegroup-example.socket"))
+        .arg(dir.join("servicegroup-example.service"))
+        .output()?;
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && said.trim().is_empty(), "systemd-analyze verify: {said}");
+    let service = std::fs::read_to_string(units.join("servicegroup-example.service"))?;
+    for line in ["Type=notify", "WatchdogSec=", "KillSignal=SIGTERM", "TimeoutStopSec=45s"] {
+        assert!(service.contains(line), "{line} in the .service");
+    }
+    Ok(())
+}

@@ -44,7 +44,7 @@ fn main() {
     let threads = std::env::var("THREADS").ok().and_then(|p| p.parse().ok()).unwrap_or(2);
     let mode = std::env::var("MODE").unwrap_or_else(|_| "threads".into());
     let mut config = Config::default();
-    config.addr = ([127, 0, 0, 1], port).into();
+    config.addr = std::net::SocketAddr::from(([127, 0, 0, 1], port)).into();
     config.debug_addr = None;
     config.threads = if mode == "inline" { 0 } else { threads };
     if std::env::var("TIMEOUTS").as_deref() == Ok("off") {
