@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark of servicegroup and a minimal hyper 1.x server (bench/README.md).
+"""Side-by-side benchmark of servicegroup, a minimal hyper 1.x server and a bare async-io
+"floor" that answers with canned bytes (bench/README.md).
 
     python3 bench/run.py              # 3 interleaved rounds, 8 s per load run
     python3 bench/run.py --rounds 1 --duration 3 --skip-callgrind   # a quick look
@@ -28,6 +29,8 @@ BIN = os.path.join(HERE, "target", "release")
 TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
 SERVERS = {
     "hyper": ("hyper_server", {}),
+    # The floor: bare async-io answering each head with canned bytes (floor_server.rs).
+    "floor (bare async-io)": ("floor_server", {}),
     "servicegroup": ("sg_server", {}),
     "sg, timeouts off": ("sg_server", {"TIMEOUTS": "off"}),
     "sg, access log on": ("sg_server", {"ACCESS_LOG": "1"}),
@@ -161,6 +164,19 @@ def load_run(server, scenario, seconds):
         stop(proc)
 
 
+def open_loop_run(server, rate, connections, seconds):
+    """Latency at a fixed request rate (open_loop.rs), from each request's scheduled send."""
+    proc, port = start(server)
+    try:
+        wrk(port, SCENARIOS["keep-alive, 64 connections"], 1)  # warm up
+        out = subprocess.run([os.path.join(BIN, "open_loop"), str(port), str(rate), str(connections), str(seconds)],
+                             check=True, capture_output=True, text=True).stdout
+        fields = dict(word.split("=") for word in out.split())
+        return {k: float(v) for k, v in fields.items()}
+    finally:
+        stop(proc)
+
+
 def idle_run(server, connections):
     proc, port = start(server)
     try:
@@ -218,6 +234,8 @@ def main():
     parser.add_argument("--duration", type=int, default=8)
     parser.add_argument("--idle", type=int, default=10_000)
     parser.add_argument("--skip-callgrind", action="store_true")
+    parser.add_argument("--open-rounds", type=int, default=5, help="rounds of the open-loop latency runs")
+    parser.add_argument("--open-seconds", type=int, default=5)
     parser.add_argument("--modes-only", action="store_true", help="only the runtime modes table")
     args = parser.parse_args()
     ensure("wrk", "wrk")
@@ -250,6 +268,15 @@ def main():
 
     med = lambda xs: statistics.median(xs)
     spread = lambda xs: f"{min(xs):.2f}/{med(xs):.2f}/{max(xs):.2f}"
+    open_loop = {}
+    if not args.modes_only and args.open_rounds > 0:
+        # Half of hyper's closed-loop keep-alive capacity, measured above in this run.
+        rate = int(med([x["rps"] for x in runs[("hyper", keep_alive)]]) / 2)
+        open_loop = {s: [] for s in ("hyper", "floor (bare async-io)", "servicegroup")}
+        for r in range(args.open_rounds):
+            print(f"open loop {r + 1}/{args.open_rounds} at {rate:,} req/s", file=sys.stderr)
+            for server in open_loop:
+                open_loop[server].append(open_loop_run(server, rate, 64, args.open_seconds))
     print(f"\nruntime modes: server CPU per request in µs, min/median/max of {args.rounds} rounds, "
           f"and the median against own threads on as many threads\n")
     print("| mode | threads | " + " | ".join(f"{c}: CPU/request | vs own threads" for c in MODE_SCENARIOS) + " |")
@@ -282,6 +309,30 @@ def main():
             h, s = cells[hyper], cells[sg]
             print(f"| {scenario} | **ratio sg/hyper{label}** | {ratio(s['rps'], h['rps'])} | {ratio(s['p50'], h['p50'])} | "
                   f"{ratio(s['p99'], h['p99'])} | {ratio(s['rss_kb'], h['rss_kb'])} | **{ratio(s['cpu_us'], h['cpu_us'])}** |")
+    print("\nagainst the floor (bare async-io, canned bytes), medians: each server's figure / the floor's; "
+          "the floor shows what async-io itself allows\n")
+    print("| scenario | server | req/s | p50 | p99 | server CPU/request |")
+    print("|---|---|---:|---:|---:|---:|")
+    floor = "floor (bare async-io)"
+    for scenario in SCENARIOS:
+        f = {k: med([x[k] for x in runs[(floor, scenario)]]) for k in ("rps", "p50", "p99", "cpu_us")}
+        for server in ("hyper", "servicegroup"):
+            c = {k: med([x[k] for x in runs[(server, scenario)]]) for k in ("rps", "p50", "p99", "cpu_us")}
+            print(f"| {scenario} | {server} | {ratio(c['rps'], f['rps'])} | {ratio(c['p50'], f['p50'])} | "
+                  f"{ratio(c['p99'], f['p99'])} | {ratio(c['cpu_us'], f['cpu_us'])} |")
+    if open_loop:
+        print(f"\nopen loop: {rate:,} req/s (half of hyper's closed-loop keep-alive req/s) over 64 connections, "
+              f"{args.open_seconds} s, latency from each request's scheduled send; min/median/max of "
+              f"{args.open_rounds} rounds in µs, and the median's ratio to hyper's\n")
+        print("| server | p50 | p99 | p99.9 | p50 vs hyper | p99 vs hyper | p99.9 vs hyper |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        keys = ("p50_us", "p99_us", "p999_us")
+        h = {k: med([x[k] for x in open_loop["hyper"]]) for k in keys}
+        span = lambda xs: f"{min(xs):,.0f}/{med(xs):,.0f}/{max(xs):,.0f}"
+        for server, rs in open_loop.items():
+            cells = [span([x[k] for x in rs]) for k in keys] + [ratio(med([x[k] for x in rs]), h[k]) for k in keys]
+            lost = sum(x["sent"] - x["done"] for x in rs)
+            print(f"| {server} | " + " | ".join(cells) + " |" + (f" {lost:.0f} unanswered" if lost else ""))
     t_on = med([x["cpu_us"] for x in runs[("servicegroup", "keep-alive, 64 connections")]])
     t_off = med([x["cpu_us"] for x in runs[("sg, timeouts off", "keep-alive, 64 connections")]])
     print(f"\ntimeouts on vs off, keep-alive CPU/request: {t_on:.2f} µs vs {t_off:.2f} µs ({(t_on / t_off - 1) * 100:+.1f}%)")
