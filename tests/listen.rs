@@ -7,7 +7,6 @@ mod common;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::{app, config, Server, PATIENCE};
 use servicegroup::{Addr, Group};
@@ -145,13 +144,7 @@ fn curl_speaks_to_the_unix_socket() -> io::Result<()> {
     let path = dir.join("app.sock");
     let (handler, _) = app();
     let server = Server::start(handler, unix_config(&path));
-    let out = Command::new("curl")
-        .args(["--silent", "--show-error", "--max-time", "20", "--unix-socket"])
-        .arg(&path)
-        .args(["--include", "http://localhost/"])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = common::process::curl_unix(&path, "http://localhost/");
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n") && text.ends_with("hello"), "{text}");
     server.stop().expect("clean shutdown");
     Ok(())

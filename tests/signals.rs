@@ -2,25 +2,12 @@
 
 mod common;
 
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use common::process::Example;
-use common::{connect, eventually, exchange, get, read_to_close};
-
-fn metric(debug: std::net::SocketAddr, line: &str) -> bool {
-    exchange(debug, b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").contains(line)
-}
-
-/// Starts `/work?ms=N` and waits until it is in the handler.
-fn start_work(example: &Example, ms: u64) -> std::net::TcpStream {
-    let mut stream = connect(example.addr);
-    stream.write_all(&get(&format!("/work?ms={ms}"))).unwrap();
-    let debug = example.debug_addr.expect("debug server");
-    eventually("the request is in flight", || metric(debug, "servicegroup_requests_in_flight 1\n"));
-    stream
-}
+use common::{eventually, read_to_close};
 
 /// `SERVICEGROUP_THREADS` for the example: its own threads (the default), or none.
 const THREADS: [&str; 2] = ["2", "0"];
@@ -34,7 +21,7 @@ fn graceful(signal: &str) -> io::Result<()> {
 
 fn graceful_with(signal: &str, threads: &str) -> io::Result<()> {
     let mut example = Example::start("", &[("SERVICEGROUP_THREADS", threads)]);
-    let mut stream = start_work(&example, 800);
+    let mut stream = example.start_work(800);
     example.signal(signal);
     let text = read_to_close(&mut stream);
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
@@ -61,10 +48,9 @@ fn sigint_drains_requests_in_flight_and_exits_0() -> io::Result<()> {
 fn a_second_signal_during_the_drain_exits_at_once() -> io::Result<()> {
     for ((signal, number), threads) in [("INT", 2), ("TERM", 15)].into_iter().zip(THREADS) {
         let mut example = Example::start("", &[("SERVICEGROUP_THREADS", threads)]);
-        let _stream = start_work(&example, 20_000);
-        let debug = example.debug_addr.unwrap();
+        let _stream = example.start_work(20_000);
         example.signal(signal);
-        eventually("the first signal is handled", || metric(debug, "servicegroup_shutting_down 1\n"));
+        eventually("the first signal is handled", || example.metric("servicegroup_shutting_down 1\n"));
         let start = Instant::now();
         example.signal(signal);
         let status = example.wait(common::PATIENCE);

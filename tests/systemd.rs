@@ -170,13 +170,7 @@ fn systemd_socket_activate_starts_the_example_on_the_first_connection_over_a_uni
     let listening = lines.next().expect("a line from systemd-socket-activate")?;
     assert!(listening.contains("Listening on"), "{listening}");
     // The first connection starts the server (systemd-socket-activate execs it with fd 3).
-    let out = Command::new("curl")
-        .args(["--silent", "--show-error", "--max-time", "20", "--unix-socket"])
-        .arg(&path)
-        .args(["--include", "http://localhost/ping"])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    let text = common::process::curl_unix(&path, "http://localhost/ping");
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n") && text.ends_with("pong"), "{text}");
     let mut log = String::new();
     for line in lines.by_ref() {
@@ -238,12 +232,7 @@ fn readiness_stopping_status_and_the_watchdog_reach_the_notify_socket_in_order()
     }
     assert!(started.elapsed() >= Duration::from_millis(150), "three beats take at least two intervals");
     // A request in flight when the drain starts.
-    let mut slow = TcpStream::connect(example.addr)?;
-    slow.set_read_timeout(Some(PATIENCE))?;
-    slow.write_all(b"GET /work?ms=600 HTTP/1.1\r\nHost: test\r\n\r\n")?;
-    common::eventually("the request is in flight", || {
-        get(example.debug_addr.unwrap(), "/metrics").contains("servicegroup_requests_in_flight 1")
-    });
+    let mut slow = example.start_work(600);
     example.signal("TERM");
     let mut response = String::new();
     slow.read_to_string(&mut response)?;
@@ -383,7 +372,6 @@ fn as_pid_1(signal: &str) -> io::Result<()> {
     let _serial = serial();
     let mut command = Command::new("unshare");
     command.args(["--pid", "--fork", "--mount-proc", "--kill-child"]).arg(example_server());
-    command.env("SERVICEGROUP_DEBUG_ADDR", "off");
     let mut example = Example::spawn(command);
     // unshare forks the server as PID 1 of the namespace and waits for it; signal the server.
     let unshare = example.child.id();
@@ -392,10 +380,8 @@ fn as_pid_1(signal: &str) -> io::Result<()> {
     let status = std::fs::read_to_string(format!("/proc/{server}/status"))?;
     let nspid = status.lines().find(|l| l.starts_with("NSpid:")).expect("NSpid").to_string();
     assert!(nspid.trim_end().ends_with("\t1"), "the server is PID 1 in its namespace: {nspid}");
-    let mut slow = TcpStream::connect(example.addr)?;
-    slow.set_read_timeout(Some(PATIENCE))?;
-    slow.write_all(b"GET /work?ms=300 HTTP/1.1\r\nHost: test\r\n\r\n")?;
-    std::thread::sleep(Duration::from_millis(50));
+    // In the handler before the signal, so the drain has a request to finish.
+    let mut slow = example.start_work(300);
     let sent = Command::new("kill").args(["-s", signal, &server.to_string()]).status()?;
     assert!(sent.success());
     let mut response = String::new();

@@ -20,6 +20,18 @@ pub fn example_server() -> PathBuf {
     path
 }
 
+/// `curl --include URL` over the Unix socket at `path`; the response, once curl succeeded.
+pub fn curl_unix(path: &std::path::Path, url: &str) -> String {
+    let out = Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "20", "--unix-socket"])
+        .arg(path)
+        .args(["--include", url])
+        .output()
+        .expect("run curl");
+    assert!(out.status.success(), "curl {url}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A running example server.
 pub struct Example {
     /// The process.
@@ -104,6 +116,22 @@ impl Example {
             assert!(Instant::now() < deadline, "the example server did not exit; log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Whether the debug server's `/metrics` has `line` (a whole line, with its newline).
+    pub fn metric(&self, line: &str) -> bool {
+        let debug = self.debug_addr.expect("the example's debug server");
+        super::exchange(debug, b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").contains(line)
+    }
+
+    /// Starts `/work?ms=N` on a new connection and waits until it is in the handler (by the
+    /// debug server's `servicegroup_requests_in_flight`).
+    pub fn start_work(&self, ms: u64) -> std::net::TcpStream {
+        use std::io::Write;
+        let mut stream = super::connect(self.addr);
+        stream.write_all(&super::get(&format!("/work?ms={ms}"))).unwrap();
+        super::eventually("the request is in flight", || self.metric("servicegroup_requests_in_flight 1\n"));
+        stream
     }
 
     /// The log so far.
