@@ -66,43 +66,11 @@ pub(super) async fn respond<I: Io, H: Handler>(
     now: Instant,
     progress: &mut Progress,
 ) -> Result<Next, Error> {
-    let Some(head) = head.take() else { return Ok(Next::Close) };
-    let Head { method, uri, version, headers, body: length, keep_alive, expect_continue, upgrade } = *head;
-    let request = {
-        let mut st = shared.lock();
-        st.request += 1;
-        st.body = BodyDecoder::new(length);
-        st.expect = if expect_continue { Continue::Waiting } else { Continue::None };
-        st.head_started = false;
-        st.request
-    };
-    let body = match length {
-        BodyLength::Length(0) => Body::empty(),
-        BodyLength::Length(n) => Body::incoming(
-            Incoming { source: shared.clone(), request, remaining: Some(n) },
-            ctx.settings.max_body_bytes,
-        ),
-        BodyLength::Chunked => {
-            Body::incoming(Incoming { source: shared.clone(), request, remaining: None }, ctx.settings.max_body_bytes)
-        }
-    };
-    let is_head = method == Method::HEAD;
-    let is_connect = method == Method::CONNECT;
-    // For the connections view, if the handler has to wait (cheap copies: `Method` is a small
-    // enum for the standard methods, `Uri` shares its bytes).
-    let what = (method.clone(), uri.clone());
-    let mut req = Request::new(body);
-    *req.method_mut() = method;
-    *req.uri_mut() = uri;
-    *req.version_mut() = version;
-    *req.headers_mut() = headers;
+    let Some(head) = head.as_deref_mut() else { return Ok(Next::Close) };
+    let Head { version, keep_alive, expect_continue, upgrade, .. } = *head;
+    let is_head = head.method == Method::HEAD;
+    let is_connect = head.method == Method::CONNECT;
     let gone = ctx.settings.watch_peer.then(PeerGone::default);
-    if let Some(gone) = &gone {
-        req.extensions_mut().insert(gone.clone());
-    }
-    if upgrade {
-        req.extensions_mut().insert(Offer);
-    }
 
     // 1. The handler. The body's 100 Continue is written by the body itself, so nothing else
     //    may be waiting in `out` then; otherwise pipelined responses leave as soon as the
@@ -110,18 +78,23 @@ pub(super) async fn respond<I: Io, H: Handler>(
     if expect_continue {
         flush(&shared.io, out).await?;
     }
-    let mut handler = pin!(ctx.handler.call(req));
-    let response = match poll_once(handler.as_mut()).await {
-        Some(response) => response,
-        None => {
-            let (method, uri) = &what;
-            let target = uri.path_and_query().map_or("", |p| p.as_str());
-            records.tracker.show(Some(format!("{method} {target}")));
-            progress.shown = true;
-            flush(&shared.io, out).await?;
-            match &gone {
-                Some(gone) => handler.or(watch_peer(shared, gone)).await,
-                None => handler.await,
+    // Built in the call, so the request never lives in this future beside the handler's.
+    let (req, request) = build_request(shared, ctx, head, gone.as_ref());
+
+    // The handler's future ends with this block: it never lives beside the response's writes.
+    let response = {
+        let mut handler = pin!(ctx.handler.call(req));
+        match poll_once(handler.as_mut()).await {
+            Some(response) => response,
+            None => {
+                let target = head.uri.path_and_query().map_or("", |p| p.as_str());
+                records.tracker.show(Some(format!("{} {target}", head.method)));
+                progress.shown = true;
+                flush(&shared.io, out).await?;
+                match &gone {
+                    Some(gone) => handler.or(watch_peer(shared, gone)).await,
+                    None => handler.await,
+                }
             }
         }
     };
@@ -133,7 +106,7 @@ pub(super) async fn respond<I: Io, H: Handler>(
     let switching =
         if is_connect { parts.status.is_success() } else { parts.status == StatusCode::SWITCHING_PROTOCOLS };
     match (serve, switching) {
-        (Some(serve), true) => return switch(shared, out, records, progress, &parts, serve, now).await,
+        (Some(serve), true) => return Box::pin(switch(shared, out, records, progress, &parts, serve, now)).await,
         (Some(_), false) => log::warn!(
             "{}: the handler changed the status of an accepted upgrade to {}; the connection stays HTTP/1.1",
             records.tracker.peer_name(),
@@ -264,7 +237,8 @@ pub(super) async fn respond<I: Io, H: Handler>(
             progress.sent = bytes.len() as u64;
         }
         Some(bytes) => {
-            write_all(&shared.io, out, &bytes).await?;
+            // Boxed: its state would otherwise make every exchange's future larger.
+            Box::pin(write_all(&shared.io, out, &bytes)).await?;
             progress.sent = bytes.len() as u64;
         }
         None if send_body => {
@@ -274,7 +248,8 @@ pub(super) async fn respond<I: Io, H: Handler>(
                 None => Framing::Close,
             };
             let complete =
-                write_stream(&shared.io, out, &mut body, &mut chunk, first, framing, &mut progress.sent).await?;
+                Box::pin(write_stream(&shared.io, out, &mut body, &mut chunk, first, framing, &mut progress.sent))
+                    .await?;
             close |= !complete;
         }
         None => {}
@@ -301,6 +276,49 @@ pub(super) async fn respond<I: Io, H: Handler>(
         true if body_done && !buffered => Next::Close,
         true => Next::Linger,
     })
+}
+
+/// The request handed to the handler, and its number on the connection: the head's fields
+/// (method and target cloned: the head keeps them for the connections view, and its box for
+/// the next pipelined head, see `Conn::head`), and a body reading from the connection.
+fn build_request<I: Io, H: Handler>(
+    shared: &Arc<Shared<I>>,
+    ctx: &Context<H>,
+    head: &mut Head,
+    gone: Option<&PeerGone>,
+) -> (Request<Body>, u64) {
+    let length = head.body;
+    let request = {
+        let mut st = shared.lock();
+        st.request += 1;
+        st.body = BodyDecoder::new(length);
+        st.expect = if head.expect_continue { Continue::Waiting } else { Continue::None };
+        st.head_started = false;
+        st.request
+    };
+    let remaining = match length {
+        BodyLength::Length(0) => None,
+        BodyLength::Length(n) => Some(Some(n)),
+        BodyLength::Chunked => Some(None),
+    };
+    let body = match remaining {
+        None => Body::empty(),
+        Some(remaining) => {
+            Body::incoming(Incoming { source: shared.clone(), request, remaining }, ctx.settings.max_body_bytes)
+        }
+    };
+    let mut req = Request::new(body);
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = head.uri.clone();
+    *req.version_mut() = head.version;
+    *req.headers_mut() = std::mem::take(&mut head.headers);
+    if let Some(gone) = gone {
+        req.extensions_mut().insert(gone.clone());
+    }
+    if head.upgrade {
+        req.extensions_mut().insert(Offer);
+    }
+    (req, request)
 }
 
 /// Writes the head of an accepted upgrade (all of it, with any pipelined responses before it)

@@ -2,6 +2,7 @@
 //! consumed, and the framing of the current request body. Shared (behind one `Arc`) by the
 //! connection loop, the request body a handler reads, and nothing else.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::TcpStream;
 use std::pin::Pin;
@@ -66,8 +67,9 @@ macro_rules! socket_io {
 socket_io!(TcpStream, std::os::unix::net::UnixStream);
 
 /// Writes all of `out`, emptying it as bytes leave (so a cancelled flush never resends).
-pub(super) async fn flush<I: Io>(io: &I, out: &mut Vec<u8>) -> io::Result<()> {
-    write_all(io, out, &[]).await
+/// (Not an async fn of its own: its future is `write_all`'s, not one wrapping it.)
+pub(super) fn flush<'a, I: Io>(io: &'a I, out: &'a mut Vec<u8>) -> impl Future<Output = io::Result<()>> + 'a {
+    write_all(io, out, &[])
 }
 
 /// Writes `out`, then `tail`, with vectored writes; empties `out`.
