@@ -177,6 +177,76 @@ def open_loop_run(server, rate, connections, seconds):
         stop(proc)
 
 
+def cpu_ns(pid):
+    """The process's CPU time so far in ns, summed over its threads (schedstat: finer than
+    the clock ticks of /proc/PID/stat, which an idle server barely moves)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except OSError:
+            pass
+    return total
+
+
+# Idle keep-alive connections held open beside the busy ones in the cost-growth runs.
+GROWTH = (0, 5_000, 15_000)
+# Seconds over which the CPU of a server holding only idle connections is measured.
+IDLE_CPU_SECONDS = 3
+
+
+def growth_run(server, idle, seconds):
+    """CPU per request under wrk -c64 keep-alive with `idle` idle keep-alive connections open
+    beside the busy ones, and first, with only the idle ones open, the server's CPU as a
+    percentage of one core."""
+    proc, port = start(server)
+    clients = None
+    try:
+        result = {}
+        if idle:
+            clients = subprocess.Popen(
+                [os.path.join(BIN, "idle_clients"), str(port), str(idle)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )
+            ready = clients.stdout.readline().split()
+            result["served"] = int(ready[1]) if len(ready) == 2 else 0
+            time.sleep(0.5)
+            before = cpu_ns(proc.pid)
+            time.sleep(IDLE_CPU_SECONDS)
+            result["idle_cpu_pct"] = (cpu_ns(proc.pid) - before) / 1e9 / IDLE_CPU_SECONDS * 100
+        keep_alive = SCENARIOS["keep-alive, 64 connections"]
+        wrk(port, keep_alive, 1)  # warm up
+        before = cpu_ns(proc.pid)
+        r = wrk(port, keep_alive, seconds)
+        result["cpu_us"] = (cpu_ns(proc.pid) - before) / 1e3 / max(r["requests"], 1)
+        return result
+    finally:
+        if clients:
+            clients.stdin.close()
+            clients.wait()
+        stop(proc)
+
+
+def print_growth(growth, rounds):
+    print(f"\ncost growth: CPU per keep-alive request (wrk -c64) with idle keep-alive connections open "
+          f"beside the busy ones, min/median/max of {rounds} rounds, and the median against none open; "
+          f"idle cost: the server's CPU with only the idle connections open, over {IDLE_CPU_SECONDS} s\n")
+    print("| server | idle open | CPU/request | vs none open | idle CPU, % of one core |")
+    print("|---|---:|---:|---:|---:|")
+    for server in growth:
+        base = statistics.median([x["cpu_us"] for x in growth[server][0]])
+        for idle in GROWTH:
+            rs = growth[server][idle]
+            xs = [x["cpu_us"] for x in rs]
+            cpu = (f"{min(xs):.2f}/{statistics.median(xs):.2f}/{max(xs):.2f} µs")
+            pct = [x["idle_cpu_pct"] for x in rs if "idle_cpu_pct" in x]
+            pct = f"{min(pct):.3f}/{statistics.median(pct):.3f}/{max(pct):.3f}" if pct else ""
+            served = min((x.get("served", idle) for x in rs), default=idle)
+            note = f" (only {served:,} of {idle:,} served)" if served < idle else ""
+            print(f"| {server} | {idle:,} | {cpu} | {ratio(statistics.median(xs), base)} | {pct} |{note}")
+
+
 def idle_run(server, connections):
     proc, port = start(server)
     try:
@@ -198,11 +268,11 @@ def idle_run(server, connections):
         stop(proc)
 
 
-def instructions(server, n):
-    out = f"/tmp/callgrind.bench.{os.getpid()}.{server.replace(' ', '_').replace(',', '')}.{n}"
+def instructions(server, n, depth=1):
+    out = f"/tmp/callgrind.bench.{os.getpid()}.{server.replace(' ', '_').replace(',', '')}.{n}.{depth}"
     proc, port = start(server, threads=1, prefix=("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"))
     try:
-        subprocess.run([os.path.join(BIN, "requests"), str(port), str(n)], check=True)
+        subprocess.run([os.path.join(BIN, "requests"), str(port), str(n), str(depth)], check=True)
     finally:
         stop(proc)
     with open(out) as f:
@@ -213,8 +283,12 @@ def instructions(server, n):
     return total
 
 
-def per_request_instructions(server, small=300, large=1300):
-    return (instructions(server, large) - instructions(server, small)) / (large - small)
+def per_request_instructions(server, small=300, large=1300, depth=1):
+    """Instructions per request: the difference between two runs, so start-up cancels out.
+    With `depth`, requests go `depth` to a write (pipelined) and the counts are of writes."""
+    if depth > 1:
+        small, large = small // 6, large // 6
+    return (instructions(server, large, depth) - instructions(server, small, depth)) / ((large - small) * depth)
 
 
 def fmt_us(us):
@@ -237,11 +311,25 @@ def main():
     parser.add_argument("--open-rounds", type=int, default=5, help="rounds of the open-loop latency runs")
     parser.add_argument("--open-seconds", type=int, default=5)
     parser.add_argument("--modes-only", action="store_true", help="only the runtime modes table")
+    parser.add_argument("--growth-only", action="store_true", help="only the cost-growth and idle-cost table")
+    parser.add_argument("--skip-growth", action="store_true")
     args = parser.parse_args()
     ensure("wrk", "wrk")
     if not args.skip_callgrind:
         ensure("valgrind", "valgrind")
     build()
+
+    growth = {}
+    if not args.modes_only and not args.skip_growth:
+        growth = {s: {n: [] for n in GROWTH} for s in ("hyper", "servicegroup")}
+        for r in range(args.rounds):
+            print(f"cost growth {r + 1}/{args.rounds}", file=sys.stderr)
+            for idle in GROWTH:
+                for server in growth:
+                    growth[server][idle].append(growth_run(server, idle, args.duration))
+    if args.growth_only:
+        print_growth(growth, args.rounds)
+        return
 
     mode_servers = [server for _, _, server in MODES]
     keep_alive = "keep-alive, 64 connections"
@@ -345,16 +433,24 @@ def main():
     for server, rs in idle.items():
         print(f"| {server} | {med([x['bytes_per_conn'] for x in rs]):,.0f} | {min(x['served'] for x in rs):,} |")
 
+    if growth:
+        print_growth(growth, args.rounds)
+
     if not args.skip_callgrind:
-        print("\n| callgrind, 1 thread, keep-alive | instructions per request |")
-        print("|---|---:|")
-        counted = ["hyper", "servicegroup", "sg, timeouts off", "sg, access log on"]
+        print("\n| callgrind, 1 thread | instructions per request, keep-alive | pipelined ×16 |")
+        print("|---|---:|---:|")
+        counted = ["hyper", "floor (bare async-io)", "servicegroup", "sg, timeouts off", "sg, access log on"]
         counts = {server: per_request_instructions(server) for server in counted}
+        piped = {server: per_request_instructions(server, depth=16) for server in counted[:3]}
         for server, count in counts.items():
-            print(f"| {server} | {count:,.0f} |")
-        print(f"| **ratio sg/hyper** | **{counts['servicegroup'] / counts['hyper']:.2f}×** |")
-        print(f"| timeouts on/off | {counts['servicegroup'] / counts['sg, timeouts off']:.3f}× |")
-        print(f"| access log on/off | {counts['sg, access log on'] / counts['servicegroup']:.3f}× |")
+            p = f"{piped[server]:,.0f}" if server in piped else ""
+            print(f"| {server} | {count:,.0f} | {p} |")
+        print(f"| **ratio sg/hyper** | **{counts['servicegroup'] / counts['hyper']:.2f}×** | "
+              f"**{piped['servicegroup'] / piped['hyper']:.2f}×** |")
+        print(f"| ratio sg/floor | {counts['servicegroup'] / counts[counted[1]]:.2f}× | "
+              f"{piped['servicegroup'] / piped[counted[1]]:.2f}× |")
+        print(f"| timeouts on/off | {counts['servicegroup'] / counts['sg, timeouts off']:.3f}× | |")
+        print(f"| access log on/off | {counts['sg, access log on'] / counts['servicegroup']:.3f}× | |")
 
 
 if __name__ == "__main__":

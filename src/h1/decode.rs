@@ -209,6 +209,11 @@ pub struct HeadScanner {
 }
 
 impl HeadScanner {
+    /// Whether it has not looked at this head yet.
+    pub fn is_fresh(&self) -> bool {
+        self.scanned == 0
+    }
+
     /// How many bytes of `buf` (the same head as last time, with bytes appended) to parse
     /// now: all of them once the head has ended or is over `limit`; the request line when it
     /// has just ended; `None` when parsing cannot tell anything new.

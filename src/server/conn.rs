@@ -386,8 +386,21 @@ impl<I: Io, H: Handler> Conn<I, H> {
                 if skip > 0 {
                     scanner = HeadScanner::default();
                 }
-                if let Some(n) = scanner.ready(st.buf.filled(), limits.max_head_bytes) {
-                    match decode::parse_head(&st.buf.filled()[..n], limits) {
+                // A head that is already whole (the usual case, and every pipelined one) parses
+                // at the first look, without the scanner; anything else (incomplete, or an
+                // error) is left to the scanner, which answers the same whatever the splits.
+                let whole = match scanner.is_fresh() {
+                    true => decode::parse_head(st.buf.filled(), limits).ok().flatten(),
+                    false => None,
+                };
+                let parsed = match whole {
+                    Some(head) => Some(Ok(Some(head))),
+                    None => scanner
+                        .ready(st.buf.filled(), limits.max_head_bytes)
+                        .map(|n| decode::parse_head(&st.buf.filled()[..n], limits)),
+                };
+                if let Some(parsed) = parsed {
+                    match parsed {
                         Ok(Some((head, len))) => {
                             st.buf.consume(len);
                             // Pipelined requests reuse the box (it is released when the

@@ -257,7 +257,8 @@ pub(super) async fn respond<I: Io, H: Handler>(
     drop(body);
 
     // 7. Drain what the handler left of the request body, so the connection can be reused.
-    if !close && !matches!(drain_body(shared).await, Ok(true)) {
+    //    (Most requests have no body, or the handler read it: no future to poll then.)
+    if !close && !shared.lock().body.is_done() && !matches!(drain_body(shared).await, Ok(true)) {
         close = true;
     }
 
