@@ -201,8 +201,8 @@ struct Conn<I: Io, H> {
     /// The head being served. Kept here, not passed by value, so the futures that serve it
     /// capture a reference and are cheap to move (moving them was 12% of a pipelined
     /// request); boxed, so an idle connection does not carry its 232 bytes. The exchange
-    /// takes the fields out and leaves the box for the next pipelined head; waiting for a
-    /// request frees it.
+    /// takes the fields out (the method and target as clones, kept for the connections view)
+    /// and leaves the box for the next pipelined head; waiting for a request frees it.
     head: Option<Box<Head>>,
     /// The last time read from the clock. Reading it costs a few percent of a request, so
     /// phases that start without waiting reuse it.
