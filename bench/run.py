@@ -10,7 +10,9 @@ Debian's packages if missing), interleaving the servers round by round so machin
 both alike, and prints one table: req/s, p50/p99 latency, peak RSS and server CPU per request
 (utime+stime from /proc over the run, divided by requests) for keep-alive with 64
 connections, 16 pipelined requests per write, and a new connection per request; then memory
-per idle keep-alive connection (10,000 open) and instructions per request under callgrind.
+per idle keep-alive connection (10,000 open), cost growth (CPU per request beside 5k and 15k idle
+connections) and idle cost, and instructions per request under callgrind (keep-alive and
+pipelined).
 Medians over rounds; ratios are servicegroup / hyper (below 1 is better for CPU, memory,
 latency and instructions; above 1 is better for req/s).
 """
@@ -239,9 +241,9 @@ def print_growth(growth, rounds):
         for idle in GROWTH:
             rs = growth[server][idle]
             xs = [x["cpu_us"] for x in rs]
-            cpu = (f"{min(xs):.2f}/{statistics.median(xs):.2f}/{max(xs):.2f} µs")
+            cpu = f"{spread(xs)} µs"
             pct = [x["idle_cpu_pct"] for x in rs if "idle_cpu_pct" in x]
-            pct = f"{min(pct):.3f}/{statistics.median(pct):.3f}/{max(pct):.3f}" if pct else ""
+            pct = spread(pct, ".3f") if pct else ""
             served = min((x.get("served", idle) for x in rs), default=idle)
             note = f" (only {served:,} of {idle:,} served)" if served < idle else ""
             print(f"| {server} | {idle:,} | {cpu} | {ratio(statistics.median(xs), base)} | {pct} |{note}")
@@ -296,6 +298,11 @@ def fmt_us(us):
     if us <= 0:
         return "n/a"
     return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} µs"
+
+
+def spread(xs, fmt=".2f"):
+    """min/median/max of a list of figures."""
+    return "/".join(format(x, fmt) for x in (min(xs), statistics.median(xs), max(xs)))
 
 
 def ratio(a, b):
@@ -355,7 +362,6 @@ def main():
             idle[server].append(idle_run(server, args.idle))
 
     med = lambda xs: statistics.median(xs)
-    spread = lambda xs: f"{min(xs):.2f}/{med(xs):.2f}/{max(xs):.2f}"
     open_loop = {}
     if not args.modes_only and args.open_rounds > 0:
         # Half of hyper's closed-loop keep-alive capacity, measured above in this run.
@@ -416,9 +422,8 @@ def main():
         print("|---|---:|---:|---:|---:|---:|---:|")
         keys = ("p50_us", "p99_us", "p999_us")
         h = {k: med([x[k] for x in open_loop["hyper"]]) for k in keys}
-        span = lambda xs: f"{min(xs):,.0f}/{med(xs):,.0f}/{max(xs):,.0f}"
         for server, rs in open_loop.items():
-            cells = [span([x[k] for x in rs]) for k in keys] + [ratio(med([x[k] for x in rs]), h[k]) for k in keys]
+            cells = [spread([x[k] for x in rs], ",.0f") for k in keys] + [ratio(med([x[k] for x in rs]), h[k]) for k in keys]
             lost = sum(x["sent"] - x["done"] for x in rs)
             print(f"| {server} | " + " | ".join(cells) + " |" + (f" {lost:.0f} unanswered" if lost else ""))
     t_on = med([x["cpu_us"] for x in runs[("servicegroup", "keep-alive, 64 connections")]])
