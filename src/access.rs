@@ -12,12 +12,12 @@
 //! has `method=- path=- version=-`. Headers and bodies are never logged.
 
 use std::fmt::{self, Write as _};
-use std::time::Instant;
 
 use http::{Method, Uri, Version};
 
 use crate::error::Phase;
 use crate::listen::Peer;
+use crate::server::clock::Tick;
 
 /// The log target.
 pub(crate) const TARGET: &str = "servicegroup::access";
@@ -62,20 +62,20 @@ struct Fields {
     /// Method, target and version, if a head was parsed.
     request: Option<(Method, String, Version)>,
     /// When the exchange started.
-    started: Instant,
+    started: Tick,
     /// Set once written.
     written: bool,
 }
 
 impl Entry {
     /// An exchange of the request `method uri version` from `peer`, started at `started`.
-    pub(crate) fn new(peer: Option<Peer>, method: &Method, uri: &Uri, version: Version, started: Instant) -> Self {
+    pub(crate) fn new(peer: Option<Peer>, method: &Method, uri: &Uri, version: Version, started: Tick) -> Self {
         let target = uri.path_and_query().map_or_else(|| uri.to_string(), |p| p.as_str().to_owned());
         Entry(Box::new(Fields { peer, request: Some((method.clone(), target, version)), started, written: false }))
     }
 
     /// A request refused before a head was parsed.
-    pub(crate) fn refused(peer: Option<Peer>, started: Instant) -> Self {
+    pub(crate) fn refused(peer: Option<Peer>, started: Tick) -> Self {
         Entry(Box::new(Fields { peer, request: None, started, written: false }))
     }
 
@@ -165,7 +165,7 @@ mod tests {
     fn lines_are_logfmt() {
         let peer = Some(Peer::Tcp("127.0.0.1:5000".parse().unwrap()));
         let uri: Uri = "/a%20b?x=1".parse().unwrap();
-        let mut entry = Entry::new(peer, &Method::POST, &uri, Version::HTTP_11, Instant::now());
+        let mut entry = Entry::new(peer, &Method::POST, &uri, Version::HTTP_11, Tick::now());
         assert_eq!(entry.0.request.as_ref().unwrap().1, "/a%20b?x=1");
         // Targets are quoted and escaped, whatever they hold.
         entry.0.request.as_mut().unwrap().1 = "/a%20b?x=\"1\"".into();
@@ -179,7 +179,7 @@ mod tests {
              end=write_timeout"
         );
         entry.0.written = true;
-        let mut refused = Entry::refused(None, Instant::now());
+        let mut refused = Entry::refused(None, Tick::now());
         assert_eq!(
             line(&refused, Some(408), 0, None),
             "peer=- method=- path=- version=- status=408 bytes=0 duration_us=42"

@@ -69,7 +69,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncRead, AsyncWrite};
 use http::header::{self, HeaderValue};
@@ -78,6 +77,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use crate::body::Body;
 use crate::error::Error;
 use crate::h1::decode::connection_names;
+use crate::server::clock::Tick;
 use crate::shutdown::Latch;
 
 /// Takes the upgrade `request` offers: a protocol switch (`Upgrade` named in `Connection`,
@@ -185,9 +185,8 @@ pub(crate) trait Tunnel: Send + Sync {
 
 /// What the connection and its [`Upgraded`] stream share.
 pub(crate) struct Link {
-    /// When the connection was upgraded.
-    started: Instant,
-    /// Nanoseconds from `started` to the last byte read or written (kept only when `timed`).
+    /// The last byte read or written, as a [`Tick`]'s nanoseconds (kept only when `timed`;
+    /// the upgrade until then).
     active: AtomicU64,
     /// Whether an idle timeout applies (otherwise nothing reads the clock).
     timed: bool,
@@ -197,13 +196,13 @@ pub(crate) struct Link {
 
 impl Link {
     /// A link for a connection upgraded at `started`.
-    pub(crate) fn new(started: Instant, timed: bool) -> Link {
-        Link { started, active: AtomicU64::new(0), timed, dropped: Latch::default() }
+    pub(crate) fn new(started: Tick, timed: bool) -> Link {
+        Link { active: AtomicU64::new(started.nanos()), timed, dropped: Latch::default() }
     }
 
     /// The last time a byte was read or written.
-    pub(crate) fn last_active(&self) -> Instant {
-        self.started + Duration::from_nanos(self.active.load(Relaxed))
+    pub(crate) fn last_active(&self) -> Tick {
+        Tick::from_nanos(self.active.load(Relaxed))
     }
 
     /// Resolves once the stream has been dropped.
@@ -214,7 +213,7 @@ impl Link {
     /// Records activity.
     fn touch(&self) {
         if self.timed {
-            self.active.store(self.started.elapsed().as_nanos() as u64, Relaxed);
+            self.active.store(Tick::now().nanos(), Relaxed);
         }
     }
 }

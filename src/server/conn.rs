@@ -20,13 +20,13 @@ use std::panic::AssertUnwindSafe;
 use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use futures_lite::future::poll_fn;
 use futures_lite::FutureExt;
 use http::StatusCode;
 
-use super::clock::{Activity, Clock, Deadline, Tracker};
+use super::clock::{Activity, Clock, Deadline, Tick, Tracker};
 use super::exchange::{respond, Progress, Records};
 pub(crate) use super::stream::Io;
 use super::stream::{flush, release_out, Continue, ReadBuf, ReadState, Shared};
@@ -148,7 +148,7 @@ pub(crate) fn serve<I: Io, H: Handler>(
         out: Vec::new(),
         drain,
         head: None,
-        now: Instant::now(),
+        now: Tick::now(),
     };
     async move {
         match AssertUnwindSafe(conn.run()).catch_unwind().await {
@@ -206,7 +206,7 @@ struct Conn<I: Io, H> {
     head: Option<Box<Head>>,
     /// The last time read from the clock. Reading it costs a few percent of a request, so
     /// phases that start without waiting reuse it.
-    now: Instant,
+    now: Tick,
 }
 
 impl<I: Io, H: Handler> Conn<I, H> {
@@ -224,7 +224,7 @@ impl<I: Io, H: Handler> Conn<I, H> {
     async fn run(&mut self) -> Result<(), Error> {
         // The first request's header-read deadline runs from accept, through the wait for its
         // first byte. (Locals held across awaits live in every idle task: keep them few.)
-        self.deadline.set(after(self.now, self.ctx.settings.header_read_timeout));
+        self.deadline.set(self.now.after(self.ctx.settings.header_read_timeout));
         let mut first = true;
         loop {
             // 1. Wait for the next request's first byte, unless it is already buffered. (The
@@ -232,7 +232,7 @@ impl<I: Io, H: Handler> Conn<I, H> {
             if !self.shared.lock().has_next_request() {
                 let phase = if first { Phase::HeaderRead } else { Phase::Idle };
                 if !first {
-                    self.deadline.set(after(self.now, self.ctx.settings.idle_timeout));
+                    self.deadline.set(self.now.after(self.ctx.settings.idle_timeout));
                     self.tracker.enter(Activity::Idle, self.now);
                 }
                 match self.wait_for_request(first).await {
@@ -242,13 +242,13 @@ impl<I: Io, H: Handler> Conn<I, H> {
                     None => return Err(self.timed_out(phase)),
                 }
                 if !first {
-                    self.now = Instant::now();
+                    self.now = Tick::now();
                 }
             }
             // 2. Read the head: the header-read deadline runs from its first byte (from accept
             //    for the first request, as set above).
             if !first {
-                self.deadline.set(after(self.now, self.ctx.settings.header_read_timeout));
+                self.deadline.set(self.now.after(self.ctx.settings.header_read_timeout));
             }
             self.tracker.enter(Activity::ReadingHead, self.now);
             first = false;
@@ -267,12 +267,7 @@ impl<I: Io, H: Handler> Conn<I, H> {
                         self.metrics().response(408);
                         self.log_refused(408, Some(access::End::TimedOut(Phase::HeaderRead)));
                         let message = "the request head took longer than the server's header read timeout";
-                        encode::encode_error(
-                            &mut self.out,
-                            StatusCode::REQUEST_TIMEOUT,
-                            message,
-                            &date(Instant::now()),
-                        );
+                        encode::encode_error(&mut self.out, StatusCode::REQUEST_TIMEOUT, message, &date(Tick::now()));
                         Box::pin(self.linger()).await;
                     }
                     return Err(e);
@@ -324,7 +319,7 @@ impl<I: Io, H: Handler> Conn<I, H> {
                 return Some(Ok(Wait::Drain));
             }
             draining = true;
-            self.deadline.at_most(Instant::now() + DRAIN_HEAD_GRACE);
+            self.deadline.at_most(Tick::now() + DRAIN_HEAD_GRACE);
         }
         // One poll function for the three-way race: the smallest state an idle task can hold.
         let Conn { shared, deadline, drain, .. } = self;
@@ -364,7 +359,7 @@ impl<I: Io, H: Handler> Conn<I, H> {
             match waited.await {
                 Some(Ok(Wait::Drain)) if first => {
                     draining = true;
-                    deadline.at_most(Instant::now() + DRAIN_HEAD_GRACE);
+                    deadline.at_most(Tick::now() + DRAIN_HEAD_GRACE);
                 }
                 other => return other,
             }
@@ -436,11 +431,11 @@ impl<I: Io, H: Handler> Conn<I, H> {
                 Poll::Pending => drain.poll(cx).map(|()| None),
             });
             match read.await {
-                Some(Some(Ok(_))) => self.now = Instant::now(),
+                Some(Some(Ok(_))) => self.now = Tick::now(),
                 Some(Some(Err(e))) => return Err(HeadError::Io(e)),
                 Some(None) => {
                     draining = true;
-                    deadline.at_most(Instant::now() + DRAIN_HEAD_GRACE);
+                    deadline.at_most(Tick::now() + DRAIN_HEAD_GRACE);
                 }
                 None => return Err(timed_out()),
             }
@@ -470,7 +465,7 @@ impl<I: Io, H: Handler> Conn<I, H> {
         let ctx = &*self.ctx;
         let metrics = ctx.metrics.shard(self.place);
         metrics.request_started();
-        self.deadline.set(after(started, ctx.settings.write_timeout));
+        self.deadline.set(started.after(ctx.settings.write_timeout));
         self.tracker.enter(Activity::InHandler, started);
         self.tracker.count_request();
         // Built only when the access log is on; written when the exchange ends (with
@@ -489,7 +484,7 @@ impl<I: Io, H: Handler> Conn<I, H> {
         let work = AssertUnwindSafe(Box::pin(respond(shared, out, ctx, &records, head, started, &mut progress)))
             .catch_unwind();
         let outcome = deadline.race(work).await;
-        self.now = Instant::now();
+        self.now = Tick::now();
         if progress.shown {
             self.tracker.show(None);
         }
@@ -516,7 +511,7 @@ impl<I: Io, H: Handler> Conn<I, H> {
                 let e = self.timed_out(Phase::Write);
                 if progress.head_written {
                     // Part of the response may be out: all that is left is to close.
-                    metrics.request_finished(progress.status, self.now - started);
+                    metrics.request_finished(progress.status, self.now.since(started));
                     if let Some(entry) = entry {
                         entry.finish(progress.status, progress.sent, end);
                     }
@@ -528,7 +523,7 @@ impl<I: Io, H: Handler> Conn<I, H> {
                 Ok(Next::Linger)
             }
         };
-        metrics.request_finished(progress.status, self.now - started);
+        metrics.request_finished(progress.status, self.now.since(started));
         if let Some(entry) = entry {
             entry.finish(progress.status, progress.sent, end);
         }
@@ -549,10 +544,10 @@ impl<I: Io, H: Handler> Conn<I, H> {
             }
         }
         let idle = self.ctx.settings.upgraded_idle_timeout;
-        let now = Instant::now();
+        let now = Tick::now();
         let peer = self.peer();
         log::debug!("{peer}: upgraded");
-        self.deadline.set(after(now, idle));
+        self.deadline.set(now.after(idle));
         self.tracker.enter(Activity::Upgraded, now);
         let Conn { shared, ctx, place, deadline, .. } = self;
         let metrics = ctx.metrics.shard(*place);
@@ -572,8 +567,8 @@ impl<I: Io, H: Handler> Conn<I, H> {
         let mut protocol = pin!(protocol);
         while deadline.race(protocol.as_mut()).await.is_none() {
             // The deadline passed: unless something moved since it was set, the peer is gone.
-            let next = after(link.last_active(), idle);
-            if next.is_some_and(|next| next > Instant::now()) {
+            let next = link.last_active().after(idle);
+            if next.is_some_and(|next| next > Tick::now()) {
                 deadline.set(next);
                 continue;
             }
@@ -586,8 +581,8 @@ impl<I: Io, H: Handler> Conn<I, H> {
     /// Flushes what is left, stops sending, and reads (discarding) until the client closes,
     /// the linger time passes or [`LINGER_BYTES`] arrive; then the connection closes.
     async fn linger(&mut self) {
-        let now = Instant::now();
-        self.deadline.set(after(now, self.ctx.settings.linger));
+        let now = Tick::now();
+        self.deadline.set(now.after(self.ctx.settings.linger));
         self.tracker.enter(Activity::Closing, now);
         let Conn { shared, out, deadline, .. } = self;
         if !matches!(deadline.race(flush(&shared.io, out)).await, Some(Ok(()))) {
@@ -621,17 +616,12 @@ enum HeadError {
     Io(io::Error),
 }
 
-/// `start + timeout`, or no deadline.
-pub(super) fn after(start: Instant, timeout: Option<Duration>) -> Option<Instant> {
-    timeout.and_then(|t| start.checked_add(t))
-}
-
 /// The `Date` value for `now`, formatted at most once a second per thread. The cache is keyed
 /// on the monotonic clock the connection already read, so a cached date costs no clock read.
-pub(super) fn date(now: Instant) -> [u8; DATE_LEN] {
+pub(super) fn date(now: Tick) -> [u8; DATE_LEN] {
     thread_local! {
         /// The formatted date, and the instant its second ends.
-        static CACHE: std::cell::Cell<Option<(Instant, [u8; DATE_LEN])>> = const { std::cell::Cell::new(None) };
+        static CACHE: std::cell::Cell<Option<(Tick, [u8; DATE_LEN])>> = const { std::cell::Cell::new(None) };
     }
     CACHE.with(|cache| match cache.get() {
         Some((until, text)) if now < until => text,

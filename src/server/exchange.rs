@@ -5,14 +5,13 @@
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Instant;
 
 use futures_lite::future::{poll_fn, poll_once};
 use futures_lite::FutureExt;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, StatusCode, Version};
 
-use super::clock::{Activity, Tracker};
+use super::clock::{Activity, Tick, Tracker};
 use super::conn::{date, Context, Next, PeerGone, DRAIN_LIMIT};
 use super::stream::{flush, write_all, Continue, Io, Shared, OUT_POOL};
 use crate::body::{Body, Incoming};
@@ -63,7 +62,7 @@ pub(super) async fn respond<I: Io, H: Handler>(
     ctx: &Context<H>,
     records: &Records<'_>,
     head: &mut Option<Box<Head>>,
-    now: Instant,
+    now: Tick,
     progress: &mut Progress,
 ) -> Result<Next, Error> {
     let Some(head) = head.as_deref_mut() else { return Ok(Next::Close) };
@@ -331,7 +330,7 @@ async fn switch<I: Io>(
     progress: &mut Progress,
     parts: &http::response::Parts,
     serve: Serve,
-    now: Instant,
+    now: Tick,
 ) -> Result<Next, Error> {
     if !shared.lock().body.is_done() {
         log::error!(
@@ -478,7 +477,7 @@ fn stream_want(left: Option<u64>, chunk: usize) -> usize {
 
 /// Answers with an error instead of the handler's response: 400 for a broken request body,
 /// 500 for any other failure before the response started. The connection then closes.
-fn refuse(metrics: &Shard, out: &mut Vec<u8>, progress: &mut Progress, e: Error, now: Instant) -> Next {
+fn refuse(metrics: &Shard, out: &mut Vec<u8>, progress: &mut Progress, e: Error, now: Tick) -> Next {
     let status = if matches!(e, Error::BadRequest(_)) {
         metrics.rejected(Reject::BadRequest);
         StatusCode::BAD_REQUEST
