@@ -252,33 +252,17 @@ impl<I: Io, H: Handler> Conn<I, H> {
             }
             self.tracker.enter(Activity::ReadingHead, self.now);
             first = false;
-            match self.read_head().await {
-                Ok(true) => {}
+            // 3. The exchange, under the write deadline, or the answer to a head that failed.
+            // Boxed, and built before it is awaited: an idle connection's task then holds none
+            // of the exchange's state, nor the head's error.
+            let step: Pin<Box<dyn Future<Output = Result<Next, Error>> + Send + '_>> = match self.read_head().await {
+                Ok(true) => Box::pin(self.exchange()),
                 Ok(false) => return Ok(()),
-                Err(HeadError::Invalid(e)) => {
-                    let status = self.reject(e);
-                    self.log_refused(status, None);
-                    Box::pin(self.linger()).await;
-                    return Ok(());
-                }
-                Err(HeadError::TimedOut { partial }) => {
-                    let e = self.timed_out(Phase::HeaderRead);
-                    if partial {
-                        self.metrics().response(408);
-                        self.log_refused(408, Some(access::End::TimedOut(Phase::HeaderRead)));
-                        let message = "the request head took longer than the server's header read timeout";
-                        encode::encode_error(&mut self.out, StatusCode::REQUEST_TIMEOUT, message, &date(Tick::now()));
-                        Box::pin(self.linger()).await;
-                    }
-                    return Err(e);
-                }
-                Err(HeadError::Io(e)) => return Err(e.into()),
+                Err(e) => Box::pin(self.head_failed(e)),
             };
-            // 3. The exchange, under the write deadline.
-            // Boxed: an idle connection's task then holds none of the exchange's state.
-            // The last phase is built before it is awaited: `Next` (which owns an upgrade's
-            // protocol) then never lives in the task beside it (it cost idle tasks 88 bytes).
-            let last: Pin<Box<dyn Future<Output = ()> + Send + '_>> = match Box::pin(self.exchange()).await? {
+            // Likewise the last phase: `Next` (which owns an upgrade's protocol) then never
+            // lives in the task beside it (it cost idle tasks 88 bytes).
+            let last: Pin<Box<dyn Future<Output = ()> + Send + '_>> = match step.await? {
                 Next::KeepAlive => continue,
                 Next::Close => return Ok(()),
                 Next::Upgrade(serve) => Box::pin(self.upgraded(serve)),
@@ -286,6 +270,30 @@ impl<I: Io, H: Handler> Conn<I, H> {
             };
             last.await;
             return Ok(());
+        }
+    }
+
+    /// Answers a head that could not be read (a refused head, or one that timed out part way)
+    /// and lingers; the connection then closes.
+    async fn head_failed(&mut self, e: HeadError) -> Result<Next, Error> {
+        match e {
+            HeadError::Invalid(e) => {
+                let status = self.reject(e);
+                self.log_refused(status, None);
+                Ok(Next::Linger)
+            }
+            HeadError::TimedOut { partial } => {
+                let e = self.timed_out(Phase::HeaderRead);
+                if partial {
+                    self.metrics().response(408);
+                    self.log_refused(408, Some(access::End::TimedOut(Phase::HeaderRead)));
+                    let message = "the request head took longer than the server's header read timeout";
+                    encode::encode_error(&mut self.out, StatusCode::REQUEST_TIMEOUT, message, &date(Tick::now()));
+                    self.linger().await;
+                }
+                Err(e)
+            }
+            HeadError::Io(e) => Err(e.into()),
         }
     }
 
@@ -460,6 +468,7 @@ impl<I: Io, H: Handler> Conn<I, H> {
     }
 
     /// Runs one exchange (body, handler, response) under the write deadline, catching panics.
+    /// Its future is the one allocation an exchange makes: the response's future lives in it.
     async fn exchange(&mut self) -> Result<Next, Error> {
         let started = self.now;
         let ctx = &*self.ctx;
@@ -479,11 +488,17 @@ impl<I: Io, H: Handler> Conn<I, H> {
         let mut progress = Progress::default();
         let Conn { shared, deadline, out, head, tracker, .. } = self;
         let records = Records { metrics, tracker };
-        // Boxed: the task of an idle connection stays small, and the wrappers below move a
-        // pointer instead of the whole future.
-        let work = AssertUnwindSafe(Box::pin(respond(shared, out, ctx, &records, head, started, &mut progress)))
-            .catch_unwind();
-        let outcome = deadline.race(work).await;
+        let outcome = {
+            // Pinned where it is made and polled through a reference: no wrapper moves it.
+            let mut work = pin!(respond(shared, out, ctx, &records, head, started, &mut progress));
+            deadline
+                .race_fn(|cx| match std::panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+                    Ok(Poll::Ready(result)) => Poll::Ready(Ok(result)),
+                    Ok(Poll::Pending) => Poll::Pending,
+                    Err(panic) => Poll::Ready(Err(panic)),
+                })
+                .await
+        };
         self.now = Tick::now();
         if progress.shown {
             self.tracker.show(None);
