@@ -66,7 +66,7 @@ impl Tick {
 
     /// A tick `since` the epoch.
     fn since_epoch(since: Duration) -> Tick {
-        Tick(since.as_secs().saturating_mul(1_000_000_000).saturating_add(u64::from(since.subsec_nanos())))
+        Tick(nanos_in(since))
     }
 
     /// `self + timeout`, or none without a timeout.
@@ -105,8 +105,13 @@ impl Add<Duration> for Tick {
 
     /// Saturates (a timeout of centuries is no timeout).
     fn add(self, d: Duration) -> Tick {
-        Tick(self.0.saturating_add(Tick::since_epoch(d).0))
+        Tick(self.0.saturating_add(nanos_in(d)))
     }
+}
+
+/// The nanoseconds in `d`, saturating at `u64::MAX` (584 years).
+fn nanos_in(d: Duration) -> u64 {
+    d.as_secs().saturating_mul(1_000_000_000).saturating_add(u64::from(d.subsec_nanos()))
 }
 
 /// A server's deadlines and their sweeper.

@@ -273,8 +273,10 @@ impl<I: Io, H: Handler> Conn<I, H> {
         }
     }
 
-    /// Answers a head that could not be read (a refused head, or one that timed out part way)
-    /// and lingers; the connection then closes.
+    /// Answers a head that could not be read; the connection then closes. A refused head gets
+    /// its error status and the caller lingers; one that timed out part way gets 408 and
+    /// lingers here (the result is the timeout, for the close's log line); a timeout before
+    /// any byte, or a socket error, closes at once.
     async fn head_failed(&mut self, e: HeadError) -> Result<Next, Error> {
         match e {
             HeadError::Invalid(e) => {
