@@ -287,10 +287,14 @@ def instructions(server, n, depth=1):
 
 def per_request_instructions(server, small=300, large=1300, depth=1):
     """Instructions per request: the difference between two runs, so start-up cancels out.
-    With `depth`, requests go `depth` to a write (pipelined) and the counts are of writes."""
-    if depth > 1:
-        small, large = small // 6, large // 6
-    return (instructions(server, large, depth) - instructions(server, small, depth)) / ((large - small) * depth)
+    With `depth`, requests go `depth` to a write (pipelined) and the counts are of writes;
+    with `depth="close"`, each request has a connection of its own (`Connection: close`)."""
+    per_count = 1
+    if depth == "close":
+        small, large = small // 3, large // 3
+    elif depth > 1:
+        small, large, per_count = small // 6, large // 6, depth
+    return (instructions(server, large, depth) - instructions(server, small, depth)) / ((large - small) * per_count)
 
 
 def fmt_us(us):
@@ -442,20 +446,22 @@ def main():
         print_growth(growth, args.rounds)
 
     if not args.skip_callgrind:
-        print("\n| callgrind, 1 thread | instructions per request, keep-alive | pipelined ×16 |")
-        print("|---|---:|---:|")
+        print("\n| callgrind, 1 thread | instructions per request, keep-alive | pipelined ×16 | new connection per request |")
+        print("|---|---:|---:|---:|")
         counted = ["hyper", "floor (bare async-io)", "servicegroup", "sg, timeouts off", "sg, access log on"]
         counts = {server: per_request_instructions(server) for server in counted}
         piped = {server: per_request_instructions(server, depth=16) for server in counted[:3]}
+        fresh = {server: per_request_instructions(server, depth="close") for server in counted[:3]}
         for server, count in counts.items():
             p = f"{piped[server]:,.0f}" if server in piped else ""
-            print(f"| {server} | {count:,.0f} | {p} |")
-        print(f"| **ratio sg/hyper** | **{counts['servicegroup'] / counts['hyper']:.2f}×** | "
-              f"**{piped['servicegroup'] / piped['hyper']:.2f}×** |")
-        print(f"| ratio sg/floor | {counts['servicegroup'] / counts[counted[1]]:.2f}× | "
-              f"{piped['servicegroup'] / piped[counted[1]]:.2f}× |")
-        print(f"| timeouts on/off | {counts['servicegroup'] / counts['sg, timeouts off']:.3f}× | |")
-        print(f"| access log on/off | {counts['sg, access log on'] / counts['servicegroup']:.3f}× | |")
+            c = f"{fresh[server]:,.0f}" if server in fresh else ""
+            print(f"| {server} | {count:,.0f} | {p} | {c} |")
+        sg, h, f = "servicegroup", "hyper", counted[1]
+        print(f"| **ratio sg/hyper** | **{counts[sg] / counts[h]:.2f}×** | **{piped[sg] / piped[h]:.2f}×** | "
+              f"**{fresh[sg] / fresh[h]:.2f}×** |")
+        print(f"| ratio sg/floor | {counts[sg] / counts[f]:.2f}× | {piped[sg] / piped[f]:.2f}× | {fresh[sg] / fresh[f]:.2f}× |")
+        print(f"| timeouts on/off | {counts[sg] / counts['sg, timeouts off']:.3f}× | | |")
+        print(f"| access log on/off | {counts['sg, access log on'] / counts[sg]:.3f}× | | |")
 
 
 if __name__ == "__main__":

@@ -209,6 +209,15 @@ struct Conn<I: Io, H> {
     now: Tick,
 }
 
+/// A closed connection's write buffer goes back to its thread's pool (its read buffer does
+/// too, see `ReadBuf`), so the next connection starts without the allocator.
+impl<I: Io, H> Drop for Conn<I, H> {
+    fn drop(&mut self) {
+        self.out.clear();
+        release_out(&mut self.out);
+    }
+}
+
 impl<I: Io, H: Handler> Conn<I, H> {
     /// This connection's metrics shard.
     fn metrics(&self) -> &Shard {

@@ -101,9 +101,10 @@ async fn accept_loop<H: Handler>(
         }
     };
     log::debug!("{} server: listening on {}", listener.name, listener.addr());
+    // Listen, then check: the one listener serves every wait of the loop (it only fires once,
+    // and the loop ends then), so no accept pays for registering one.
+    let mut closing = stop.listen();
     loop {
-        // Check, listen, re-check; the listener then serves every wait in this iteration.
-        let mut closing = stop.listen();
         if stop.is_set() {
             break;
         }
