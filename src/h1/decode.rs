@@ -141,7 +141,7 @@ pub fn parse_head(buf: &[u8], limits: Limits) -> Result<Option<(Head, usize)>, D
     }
 
     // One copy of the head; the target and every field value are zero-copy slices of it.
-    let shared = Bytes::copy_from_slice(&buf[..len]);
+    let shared = head_bytes(&buf[..len]);
     let slice = |part: &[u8]| shared.slice(offset(buf, part));
 
     let method = req.method.unwrap_or_default();
@@ -245,6 +245,36 @@ impl HeadScanner {
 }
 
 /// The range `part` occupies inside `whole`; `part` must be a subslice of `whole`.
+/// A copy of `head` whose slices (the target, the field values) share it. Heads up to 1 KiB
+/// (nearly all) live inline in the one allocation `Bytes::from_owner` makes, in a size class
+/// that fits; `Bytes::copy_from_slice` would allocate twice (the copy, then the shared
+/// count on the first slice).
+fn head_bytes(head: &[u8]) -> Bytes {
+    /// At most `N` bytes, stored inline.
+    struct Inline<const N: usize> {
+        /// The bytes; `len` of them are the head.
+        data: [u8; N],
+        /// How many.
+        len: usize,
+    }
+    impl<const N: usize> AsRef<[u8]> for Inline<N> {
+        fn as_ref(&self) -> &[u8] {
+            &self.data[..self.len]
+        }
+    }
+    fn inline<const N: usize>(head: &[u8]) -> Bytes {
+        let mut data = [0; N];
+        data[..head.len()].copy_from_slice(head);
+        Bytes::from_owner(Inline { data, len: head.len() })
+    }
+    match head.len() {
+        0..=64 => inline::<64>(head),
+        65..=256 => inline::<256>(head),
+        257..=1024 => inline::<1024>(head),
+        _ => Bytes::copy_from_slice(head),
+    }
+}
+
 fn offset(whole: &[u8], part: &[u8]) -> Range<usize> {
     let start = part.as_ptr() as usize - whole.as_ptr() as usize;
     start..start + part.len()
@@ -762,6 +792,23 @@ mod tests {
     fn assert_prefixes_incomplete(input: &str) {
         for end in 0..input.len() {
             assert!(matches!(parse(&input[..end]), Ok(None)), "prefix {:?}", &input[..end]);
+        }
+    }
+
+    #[test]
+    fn heads_of_every_storage_size_keep_their_target_and_values() {
+        // Around each size class of `head_bytes` (64, 256, 1024 bytes inline; then a copy).
+        let limits = Limits { max_head_bytes: 4096, max_headers: 8 };
+        for len in [40, 63, 64, 65, 255, 256, 257, 1023, 1024, 1025, 3000] {
+            let fixed = "GET /p HTTP/1.1\r\nX-Pad: \r\nHost: h\r\n\r\n".len();
+            let pad = "x".repeat(len - fixed);
+            let input = format!("GET /p HTTP/1.1\r\nX-Pad: {pad}\r\nHost: h\r\n\r\n");
+            assert_eq!(input.len(), len);
+            let (head, n) = parse_head(input.as_bytes(), limits).unwrap().unwrap();
+            assert_eq!(n, len);
+            assert_eq!(head.uri, "/p", "at {len} bytes");
+            assert_eq!(head.headers["x-pad"], pad.as_str(), "at {len} bytes");
+            assert_eq!(head.headers["host"], "h", "at {len} bytes");
         }
     }
 
