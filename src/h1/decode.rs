@@ -102,6 +102,22 @@ pub struct Head {
     pub upgrade: bool,
 }
 
+impl Head {
+    /// A placeholder that holds nothing: a `GET /` with no fields (no allocation).
+    pub fn empty() -> Head {
+        Head {
+            method: Method::GET,
+            uri: Uri::default(),
+            version: Version::HTTP_11,
+            headers: HeaderMap::new(),
+            body: BodyLength::Length(0),
+            keep_alive: true,
+            expect_continue: false,
+            upgrade: false,
+        }
+    }
+}
+
 /// Parses a request head from the start of `buf`.
 ///
 /// Returns the head and its length in bytes (the body, if any, starts there), `Ok(None)` if

@@ -147,7 +147,6 @@ pub(crate) fn serve<I: Io, H: Handler>(
         deadline,
         out: Vec::new(),
         drain,
-        head: None,
         now: Tick::now(),
     };
     async move {
@@ -198,12 +197,6 @@ struct Conn<I: Io, H> {
     out: Vec<u8>,
     /// Wakes an idle connection when the drain starts; taken once per connection.
     drain: Slot,
-    /// The head being served. Kept here, not passed by value, so the futures that serve it
-    /// capture a reference and are cheap to move (moving them was 12% of a pipelined
-    /// request); boxed, so an idle connection does not carry its 232 bytes. The exchange
-    /// takes the fields out (the method and target as clones, kept for the connections view)
-    /// and leaves the box for the next pipelined head; waiting for a request frees it.
-    head: Option<Box<Head>>,
     /// The last time read from the clock. Reading it costs a few percent of a request, so
     /// phases that start without waiting reuse it.
     now: Tick,
@@ -236,42 +229,30 @@ impl<I: Io, H: Handler> Conn<I, H> {
         self.deadline.set(self.now.after(self.ctx.settings.header_read_timeout));
         let mut first = true;
         loop {
-            // 1. Wait for the next request's first byte, unless it is already buffered. (The
-            //    clock was read when the last exchange ended.)
-            if !self.shared.lock().has_next_request() {
-                let phase = if first { Phase::HeaderRead } else { Phase::Idle };
-                if !first {
-                    self.deadline.set(self.now.after(self.ctx.settings.idle_timeout));
-                    self.tracker.enter(Activity::Idle, self.now);
-                }
-                match self.wait_for_request(first).await {
-                    Some(Ok(Wait::Readable)) => {}
-                    Some(Ok(Wait::Drain)) => return Ok(()),
-                    Some(Err(e)) => return Err(e.into()),
-                    None => return Err(self.timed_out(phase)),
-                }
-                if !first {
-                    self.now = Tick::now();
-                }
-            }
-            // 2. Read the head: the header-read deadline runs from its first byte (from accept
-            //    for the first request, as set above).
+            // 1. Wait for the next request's first byte: nothing of it is buffered (`busy`
+            //    serves what is). (The clock was read when the last exchange ended.)
+            let phase = if first { Phase::HeaderRead } else { Phase::Idle };
             if !first {
-                self.deadline.set(self.now.after(self.ctx.settings.header_read_timeout));
+                self.deadline.set(self.now.after(self.ctx.settings.idle_timeout));
+                self.tracker.enter(Activity::Idle, self.now);
             }
-            self.tracker.enter(Activity::ReadingHead, self.now);
+            match self.wait_for_request(first).await {
+                Some(Ok(Wait::Readable)) => {}
+                Some(Ok(Wait::Drain)) => return Ok(()),
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(self.timed_out(phase)),
+            }
+            if !first {
+                self.now = Tick::now();
+            }
+            // 2 and 3: the requests that follow without a wait, in one box (one allocation per
+            // busy spell, not per request): an idle connection's task then holds none of their
+            // state (the head, the exchange, a head's error).
+            let busy: Pin<Box<dyn Future<Output = Result<Next, Error>> + Send + '_>> = Box::pin(self.busy(first));
             first = false;
-            // 3. The exchange, under the write deadline, or the answer to a head that failed.
-            // Boxed, and built before it is awaited: an idle connection's task then holds none
-            // of the exchange's state, nor the head's error.
-            let step: Pin<Box<dyn Future<Output = Result<Next, Error>> + Send + '_>> = match self.read_head().await {
-                Ok(true) => Box::pin(self.exchange()),
-                Ok(false) => return Ok(()),
-                Err(e) => Box::pin(self.head_failed(e)),
-            };
             // Likewise the last phase: `Next` (which owns an upgrade's protocol) then never
             // lives in the task beside it (it cost idle tasks 88 bytes).
-            let last: Pin<Box<dyn Future<Output = ()> + Send + '_>> = match step.await? {
+            let last: Pin<Box<dyn Future<Output = ()> + Send + '_>> = match busy.await? {
                 Next::KeepAlive => continue,
                 Next::Close => return Ok(()),
                 Next::Upgrade(serve) => Box::pin(self.upgraded(serve)),
@@ -279,6 +260,36 @@ impl<I: Io, H: Handler> Conn<I, H> {
             };
             last.await;
             return Ok(());
+        }
+    }
+
+    /// Serves requests until one has to wait for bytes of the next (`KeepAlive`: nothing of
+    /// it is buffered) or the connection is done: each head under the header-read deadline (which runs from its first
+    /// byte; for the `first` request, from accept, as `run` set it), then its exchange under
+    /// the write deadline, or the answer to a head that failed. Pipelined requests already
+    /// buffered are served here in turn.
+    ///
+    /// The head lives in a box from the thread's pool, not in this future: the future then
+    /// fits the allocator's per-thread cache (glibc's tcache takes up to 1,032 bytes), and one
+    /// box serves every pipelined head.
+    async fn busy(&mut self, mut first: bool) -> Result<Next, Error> {
+        let mut slot = HeadSlot::default();
+        loop {
+            if !first {
+                self.deadline.set(self.now.after(self.ctx.settings.header_read_timeout));
+            }
+            first = false;
+            self.tracker.enter(Activity::ReadingHead, self.now);
+            match self.read_head(&mut slot).await {
+                Ok(true) => {}
+                Ok(false) => return Ok(Next::Close),
+                Err(e) => return self.head_failed(e).await,
+            }
+            let Some(head) = slot.0.as_deref_mut() else { return Ok(Next::Close) };
+            match self.exchange(head).await? {
+                Next::KeepAlive if self.shared.lock().has_next_request() => {}
+                next => return Ok(next),
+            }
         }
     }
 
@@ -327,10 +338,9 @@ impl<I: Io, H: Handler> Conn<I, H> {
     /// same deadline and the same drain signal: the connection is still between requests.
     async fn wait_for_request(&mut self, first: bool) -> Option<io::Result<Wait>> {
         debug_assert!(self.out.is_empty(), "waiting with unsent responses");
-        // An idle connection holds no buffers (and no head).
+        // An idle connection holds no buffers.
         self.shared.lock().buf.release();
         release_out(&mut self.out);
-        self.head = None;
         // Whether the drain has started (and only shortened a first request's deadline).
         let mut draining = false;
         if self.ctx.close_idle.is_set() {
@@ -385,9 +395,9 @@ impl<I: Io, H: Handler> Conn<I, H> {
         }
     }
 
-    /// Reads until a whole head parses, into `self.head`. `Ok(false)`: the client closed (or
-    /// the head is incomplete at end of stream) and gets no answer.
-    async fn read_head(&mut self) -> Result<bool, HeadError> {
+    /// Reads until a whole head parses, into `slot`. `Ok(false)`: the client closed (or the
+    /// head is incomplete at end of stream) and gets no answer.
+    async fn read_head(&mut self, slot: &mut HeadSlot) -> Result<bool, HeadError> {
         let limits = self.ctx.settings.limits;
         let mut scanner = HeadScanner::default();
         // Whether the drain has started while this head was being read.
@@ -417,12 +427,7 @@ impl<I: Io, H: Handler> Conn<I, H> {
                     match parsed {
                         Ok(Some((head, len))) => {
                             st.buf.consume(len);
-                            // Pipelined requests reuse the box (it is released when the
-                            // connection goes idle): one allocation less per request.
-                            match &mut self.head {
-                                Some(slot) => **slot = head,
-                                None => self.head = Some(Box::new(head)),
-                            }
+                            slot.put(head);
                             return Ok(true);
                         }
                         Ok(None) => {}
@@ -478,9 +483,10 @@ impl<I: Io, H: Handler> Conn<I, H> {
         }
     }
 
-    /// Runs one exchange (body, handler, response) under the write deadline, catching panics.
-    /// Its future is the one allocation an exchange makes: the response's future lives in it.
-    async fn exchange(&mut self) -> Result<Next, Error> {
+    /// Runs one exchange (body, handler, response) for `head` under the write deadline,
+    /// catching panics. (The head is borrowed, not moved in: the futures that serve it then
+    /// capture a reference; moving them was 12% of a pipelined request.)
+    async fn exchange(&mut self, head: &mut Head) -> Result<Next, Error> {
         let started = self.now;
         let ctx = &*self.ctx;
         let metrics = ctx.metrics.shard(self.place);
@@ -490,14 +496,12 @@ impl<I: Io, H: Handler> Conn<I, H> {
         self.tracker.count_request();
         // Built only when the access log is on; written when the exchange ends (with
         // `end=cut` if this future is dropped first).
-        let entry = match (&self.head, ctx.settings.access_log) {
-            (Some(head), true) => {
-                Some(access::Entry::new(self.tracker.peer(), &head.method, &head.uri, head.version, started))
-            }
-            _ => None,
+        let entry = match ctx.settings.access_log {
+            true => Some(access::Entry::new(self.tracker.peer(), &head.method, &head.uri, head.version, started)),
+            false => None,
         };
         let mut progress = Progress::default();
-        let Conn { shared, deadline, out, head, tracker, .. } = self;
+        let Conn { shared, deadline, out, tracker, .. } = self;
         let records = Records { metrics, tracker };
         let outcome = {
             // Pinned where it is made and polled through a reference: no wrapper moves it.
@@ -626,6 +630,52 @@ impl<I: Io, H: Handler> Conn<I, H> {
             }
         };
         deadline.race(discard).await;
+    }
+}
+
+/// The head a busy spell serves, boxed: a box from this thread's pool while the spell lasts,
+/// given back (emptied) when it ends.
+#[derive(Default)]
+struct HeadSlot(Option<Box<Head>>);
+
+/// Head boxes kept per thread for reuse, at most.
+const POOL_HEADS: usize = 64;
+
+thread_local! {
+    /// Empty head boxes, free for the next busy spell on this thread. (Boxes, not heads: a
+    /// slot takes one and gives it back without moving the head.)
+    #[allow(clippy::vec_box)]
+    static HEADS: std::cell::RefCell<Vec<Box<Head>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl HeadSlot {
+    /// Stores `head`, in the box already held, one from the pool, or a new one.
+    fn put(&mut self, head: Head) {
+        match &mut self.0 {
+            Some(slot) => **slot = head,
+            None => match HEADS.try_with(|pool| pool.borrow_mut().pop()).ok().flatten() {
+                Some(mut slot) => {
+                    *slot = head;
+                    self.0 = Some(slot);
+                }
+                None => self.0 = Some(Box::new(head)),
+            },
+        }
+    }
+}
+
+impl Drop for HeadSlot {
+    fn drop(&mut self) {
+        if let Some(mut slot) = self.0.take() {
+            // Emptied now: a pooled box holds no request's bytes.
+            *slot = Head::empty();
+            let _ = HEADS.try_with(|pool| {
+                let mut pool = pool.borrow_mut();
+                if pool.len() < POOL_HEADS {
+                    pool.push(slot);
+                }
+            });
+        }
     }
 }
 

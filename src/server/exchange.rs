@@ -61,11 +61,10 @@ pub(super) async fn respond<I: Io, H: Handler>(
     out: &mut Vec<u8>,
     ctx: &Context<H>,
     records: &Records<'_>,
-    head: &mut Option<Box<Head>>,
+    head: &mut Head,
     now: Tick,
     progress: &mut Progress,
 ) -> Result<Next, Error> {
-    let Some(head) = head.as_deref_mut() else { return Ok(Next::Close) };
     let Head { version, keep_alive, expect_continue, upgrade, .. } = *head;
     let is_head = head.method == Method::HEAD;
     let is_connect = head.method == Method::CONNECT;
@@ -279,8 +278,8 @@ pub(super) async fn respond<I: Io, H: Handler>(
 }
 
 /// The request handed to the handler, and its number on the connection: the head's fields
-/// (method and target cloned: the head keeps them for the connections view, and its box for
-/// the next pipelined head, see `Conn::head`), and a body reading from the connection.
+/// (method and target cloned: the head keeps them for the connections view while the handler
+/// waits), and a body reading from the connection.
 fn build_request<I: Io, H: Handler>(
     shared: &Arc<Shared<I>>,
     ctx: &Context<H>,
