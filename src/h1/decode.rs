@@ -385,7 +385,7 @@ fn valid_host(host: &[u8]) -> bool {
         [b'[', inner @ .., b']'] => {
             !inner.is_empty() && inner.iter().all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
         }
-        _ => !host.is_empty() && host.iter().all(|&b| is_unreserved(b)),
+        _ => !host.is_empty() && host.iter().all(|&b| UNRESERVED[usize::from(b)]),
     }
 }
 
@@ -395,13 +395,11 @@ fn valid_path_and_query(s: &[u8]) -> bool {
         Some(q) => (&s[..q], Some(&s[q + 1..])),
         None => (s, None),
     };
-    let pchar = |b: u8| is_unreserved(b) || is_sub_delim(b) || b == b':' || b == b'@';
-    valid_chars(path, |b| pchar(b) || b == b'/')
-        && query.is_none_or(|q| valid_chars(q, |b| pchar(b) || b"/?[]{}|\\^`".contains(&b)))
+    valid_chars(path, &PATH) && query.is_none_or(|q| valid_chars(q, &QUERY))
 }
 
-/// Whether every byte is allowed, treating `%XX` escapes as allowed.
-fn valid_chars(s: &[u8], allowed: impl Fn(u8) -> bool) -> bool {
+/// Whether every byte is in `allowed`, treating `%XX` escapes as allowed.
+fn valid_chars(s: &[u8], allowed: &[bool; 256]) -> bool {
     let mut i = 0;
     while i < s.len() {
         if s[i] == b'%' {
@@ -409,7 +407,7 @@ fn valid_chars(s: &[u8], allowed: impl Fn(u8) -> bool) -> bool {
                 return false;
             }
             i += 3;
-        } else if allowed(s[i]) {
+        } else if allowed[usize::from(s[i])] {
             i += 1;
         } else {
             return false;
@@ -418,15 +416,31 @@ fn valid_chars(s: &[u8], allowed: impl Fn(u8) -> bool) -> bool {
     true
 }
 
-/// RFC 3986 unreserved characters.
-fn is_unreserved(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~".contains(&b)
+/// The bytes that are ASCII letters or digits, or in `extra`: a table looked up once per byte
+/// (the targets and hosts of every request are checked against these).
+const fn alnum_and(extra: &[u8]) -> [bool; 256] {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = (b as u8).is_ascii_alphanumeric();
+        b += 1;
+    }
+    let mut i = 0;
+    while i < extra.len() {
+        table[extra[i] as usize] = true;
+        i += 1;
+    }
+    table
 }
 
-/// RFC 3986 sub-delims.
-fn is_sub_delim(b: u8) -> bool {
-    b"!$&'()*+,;=".contains(&b)
-}
+/// RFC 3986 unreserved characters.
+const UNRESERVED: [bool; 256] = alnum_and(b"-._~");
+
+/// A path's characters: pchar (unreserved, sub-delims `!$&'()*+,;=`, `:`, `@`) and `/`.
+const PATH: [bool; 256] = alnum_and(b"-._~!$&'()*+,;=:@/");
+
+/// A query's: a path's, `?`, and the characters real clients send unescaped.
+const QUERY: [bool; 256] = alnum_and(b"-._~!$&'()*+,;=:@/?[]{}|\\^`");
 
 /// What the framing-relevant fields said, gathered while the fields are copied.
 #[derive(Default)]
@@ -808,6 +822,18 @@ mod tests {
     fn assert_prefixes_incomplete(input: &str) {
         for end in 0..input.len() {
             assert!(matches!(parse(&input[..end]), Ok(None)), "prefix {:?}", &input[..end]);
+        }
+    }
+
+    #[test]
+    fn character_tables_hold_exactly_the_rfc_3986_sets() {
+        let unreserved = |b: u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+        let pchar = |b: u8| unreserved(b) || b"!$&'()*+,;=".contains(&b) || b == b':' || b == b'@';
+        for b in 0..=255u8 {
+            assert_eq!(UNRESERVED[usize::from(b)], unreserved(b), "unreserved {b:#04x}");
+            assert_eq!(PATH[usize::from(b)], pchar(b) || b == b'/', "path {b:#04x}");
+            let query = pchar(b) || b"/?[]{}|\\^`".contains(&b);
+            assert_eq!(QUERY[usize::from(b)], query, "query {b:#04x}");
         }
     }
 
