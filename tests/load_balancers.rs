@@ -11,7 +11,7 @@ mod common;
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,9 +35,27 @@ const CLIENTS: usize = 12;
 /// A drain must end this soon after the last response its server sent.
 const DRAIN_AFTER_LAST_RESPONSE: Duration = Duration::from_secs(1);
 
-/// A free loopback port (bound and released: nothing else in this test binds ports).
+/// A free loopback port for a backend or the proxy's front. Port 0 will not do: a port the
+/// kernel hands out is in its ephemeral range, where the proxies' upstream connections, the
+/// health checks and the clients take their source ports, so one of them may hold it by the
+/// time a backend binds it (CI saw a backend fail to start that way). So the port comes from
+/// below that range, distinct for each call in this process (the two tests run in parallel),
+/// and free when picked.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (low, span) = (10_000, ephemeral_low.saturating_sub(10_000).max(1000));
+    let start = std::process::id() % span;
+    for _ in 0..span {
+        let port = (low + (start + NEXT.fetch_add(1, Ordering::SeqCst)) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{}", low + span)
 }
 
 /// One backend: its fixed ports and the running example server.

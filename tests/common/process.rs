@@ -84,8 +84,11 @@ impl Example {
         });
         let deadline = Instant::now() + super::PATIENCE;
         let line = loop {
-            let line =
-                first.recv_timeout(deadline - Instant::now()).expect("the example server never said where it listens");
+            let Ok(line) = first.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+                let _ = child.kill();
+                let status = child.wait();
+                panic!("the example server never said where it listens ({status:?}); log:\n{}", log.lock().unwrap());
+            };
             if line.contains("serving http://") {
                 break line;
             }
