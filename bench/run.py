@@ -33,6 +33,8 @@ SERVERS = {
     "hyper": ("hyper_server", {}),
     # The floor: bare async-io answering each head with canned bytes (floor_server.rs).
     "floor (bare async-io)": ("floor_server", {}),
+    # The same on one executor shared by the threads (the caller's-executor model, and tokio's).
+    "floor, one shared executor": ("floor_server", {"MODE": "shared"}),
     "servicegroup": ("sg_server", {}),
     "sg, timeouts off": ("sg_server", {"TIMEOUTS": "off"}),
     "sg, access log on": ("sg_server", {"ACCESS_LOG": "1"}),
@@ -414,7 +416,7 @@ def main():
     floor = "floor (bare async-io)"
     for scenario in SCENARIOS:
         f = {k: med([x[k] for x in runs[(floor, scenario)]]) for k in ("rps", "p50", "p99", "cpu_us")}
-        for server in ("hyper", "servicegroup"):
+        for server in ("hyper", "servicegroup", "floor, one shared executor"):
             c = {k: med([x[k] for x in runs[(server, scenario)]]) for k in ("rps", "p50", "p99", "cpu_us")}
             print(f"| {scenario} | {server} | {ratio(c['rps'], f['rps'])} | {ratio(c['p50'], f['p50'])} | "
                   f"{ratio(c['p99'], f['p99'])} | {ratio(c['cpu_us'], f['cpu_us'])} |")

@@ -8,7 +8,10 @@
 //!
 //! Environment: `PORT` (default 3000), `THREADS` (default 2): one accept loop, connections
 //! placed in turn on `THREADS` threads, each running its own executor (no task moves between
-//! threads: servicegroup's own-threads model, without its bookkeeping).
+//! threads: servicegroup's own-threads model, without its bookkeeping). With `MODE=shared`,
+//! one executor run by `THREADS` threads instead (a wake-up lands on the thread that took the
+//! I/O event and idle threads steal): the model of servicegroup on the caller's executor, and
+//! close to tokio's.
 
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
@@ -74,14 +77,13 @@ fn memfind(hay: &[u8], needle: &[u8]) -> bool {
 fn main() {
     let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(3000);
     let threads: usize = std::env::var("THREADS").ok().and_then(|p| p.parse().ok()).unwrap_or(2);
-    let executors: Vec<Arc<smol::Executor<'static>>> = (0..threads.max(1))
-        .map(|_| {
-            let ex = Arc::new(smol::Executor::new());
-            let run = ex.clone();
-            std::thread::spawn(move || smol::block_on(run.run(smol::future::pending::<()>())));
-            ex
-        })
-        .collect();
+    let shared = std::env::var("MODE").is_ok_and(|mode| mode == "shared");
+    let executors: Vec<Arc<smol::Executor<'static>>> =
+        (0..if shared { 1 } else { threads.max(1) }).map(|_| Arc::new(smol::Executor::new())).collect();
+    for i in 0..threads.max(1) {
+        let run = executors[i % executors.len()].clone();
+        std::thread::spawn(move || smol::block_on(run.run(smol::future::pending::<()>())));
+    }
     let listener = Async::new(TcpListener::bind(("127.0.0.1", port)).unwrap()).unwrap();
     eprintln!("floor_server listening on 127.0.0.1:{port}");
     smol::block_on(async {
