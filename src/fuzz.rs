@@ -15,15 +15,17 @@ use http::{Method, Request, Response};
 
 use crate::body::Body;
 pub use crate::h1::decode::{
-    leading_empty_lines, parse_head, BodyDecoder, BodyLength, DecodeError, Decoded, Head, HeadScanner, Limits,
+    leading_empty_lines, parse_head, parse_head_into, BodyDecoder, BodyLength, DecodeError, Decoded, Head, HeadScanner,
+    Limits,
 };
 use crate::metrics::Metrics;
 use crate::server::conn::{self, Context, Io, Settings};
 use crate::shutdown::Latch;
 
 /// Parses a head arriving in pieces, the way the connection does: leading empty lines
-/// dropped, parsed only when the scanner says so. Returns the answer once all of `input` has
-/// arrived, and the number of bytes consumed (empty lines included).
+/// dropped, parsed only when the scanner says so, every attempt into the same head. Returns
+/// the answer once all of `input` has arrived, and the number of bytes consumed (empty lines
+/// included).
 pub fn head_in_pieces(
     input: &[u8],
     pieces: &[usize],
@@ -33,6 +35,7 @@ pub fn head_in_pieces(
     let mut end = 0;
     let mut scanner = HeadScanner::default();
     let mut sizes = pieces.iter().copied().filter(|&n| n > 0).cycle();
+    let mut head = Head::empty();
     loop {
         let step = sizes.next().unwrap_or(input.len().max(1));
         end = (end + step).min(input.len());
@@ -43,8 +46,8 @@ pub fn head_in_pieces(
         }
         let buf = &input[start..end];
         if let Some(n) = scanner.ready(buf, limits.max_head_bytes) {
-            match parse_head(&buf[..n], limits) {
-                Ok(Some((head, len))) => return (Ok(Some((head, len))), start + len),
+            match parse_head_into(&buf[..n], limits, &mut head) {
+                Ok(Some(len)) => return (Ok(Some((head, len))), start + len),
                 Ok(None) => {}
                 Err(e) => return (Err(e), start),
             }

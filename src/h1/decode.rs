@@ -122,7 +122,16 @@ impl Head {
 ///
 /// Returns the head and its length in bytes (the body, if any, starts there), `Ok(None)` if
 /// more bytes are needed, or what is wrong. Leading empty lines are skipped (RFC 9112 §2.2).
+#[cfg(any(test, feature = "fuzzing"))]
 pub fn parse_head(buf: &[u8], limits: Limits) -> Result<Option<(Head, usize)>, DecodeError> {
+    let mut head = Head::empty();
+    Ok(parse_head_into(buf, limits, &mut head)?.map(|len| (head, len)))
+}
+
+/// [`parse_head`] into `head`, which keeps its place (no move of the head) and the storage
+/// of its fields map if it has any (an empty map is not dropped and rebuilt). Returns the
+/// head's length; unless that is returned, `head` holds no request (but something valid).
+pub fn parse_head_into(buf: &[u8], limits: Limits, head: &mut Head) -> Result<Option<usize>, DecodeError> {
     let max_headers = limits.max_headers.min(MAX_HEADERS);
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
@@ -169,7 +178,9 @@ pub fn parse_head(buf: &[u8], limits: Limits) -> Result<Option<(Head, usize)>, D
     let target = req.path.unwrap_or_default();
     let uri = parse_target(&method, target.as_bytes(), slice(target.as_bytes()))?;
 
-    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    let headers = &mut head.headers;
+    headers.clear();
+    headers.reserve(req.headers.len());
     let mut framing = Framing::default();
     for field in req.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes())
@@ -190,7 +201,15 @@ pub fn parse_head(buf: &[u8], limits: Limits) -> Result<Option<(Head, usize)>, D
     // are not reliable there).
     let upgrade =
         version == Version::HTTP_11 && (method == Method::CONNECT || (framing.upgrade_option && framing.upgrade_field));
-    Ok(Some((Head { method, uri, version, headers, body, keep_alive, expect_continue, upgrade }, len)))
+    // Field by field: assigning a whole `Head` would drop and rebuild the fields map.
+    head.method = method;
+    head.uri = uri;
+    head.version = version;
+    head.body = body;
+    head.keep_alive = keep_alive;
+    head.expect_continue = expect_continue;
+    head.upgrade = upgrade;
+    Ok(Some(len))
 }
 
 /// Bytes of empty lines (CRLF or bare LF) before a request line, which a server should ignore
@@ -548,7 +567,12 @@ impl Framing {
 /// Whether any `Connection` field in `headers` names `option` (case-insensitive, RFC 9110
 /// §7.6.1): for the handler's `close` and a request's `upgrade`.
 pub fn connection_names(headers: &HeaderMap, option: &[u8]) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| list(v.as_bytes()).any(|o| o.eq_ignore_ascii_case(option)))
+    headers.get_all(header::CONNECTION).iter().any(|v| lists(v.as_bytes(), option))
+}
+
+/// Whether the comma-separated field `value` has `option` among its items (case-insensitive).
+pub fn lists(value: &[u8], option: &[u8]) -> bool {
+    list(value).any(|o| o.eq_ignore_ascii_case(option))
 }
 
 /// Splits a comma-separated field value into trimmed, non-empty items (RFC 9110 §5.6.1).
@@ -834,6 +858,28 @@ mod tests {
             assert_eq!(PATH[usize::from(b)], pchar(b) || b == b'/', "path {b:#04x}");
             let query = pchar(b) || b"/?[]{}|\\^`".contains(&b);
             assert_eq!(QUERY[usize::from(b)], query, "query {b:#04x}");
+        }
+    }
+
+    #[test]
+    fn a_head_parsed_into_a_used_one_keeps_nothing_of_it() {
+        let heads = [
+            "POST http://a.example:8080/x?y HTTP/1.1\r\nHost: a.example:8080\r\nTransfer-Encoding: chunked\r\n\
+             Expect: 100-continue\r\nConnection: upgrade, close\r\nUpgrade: websocket\r\nA: 1\r\nA: 2\r\n\r\n",
+            "GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+            "PUT /p HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n",
+            "GET /q HTTP/1.1\r\nHost: h\r\n\r\n",
+        ];
+        let mut reused = Head::empty();
+        for (i, input) in heads.iter().cycle().take(9).enumerate() {
+            // Every other round, a failed parse first leaves fields behind.
+            if i % 2 == 1 {
+                let bad = "GET / HTTP/1.1\r\nB: 1\r\nC: 2\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
+                assert!(parse_head_into(bad.as_bytes(), LIMITS, &mut reused).is_err());
+            }
+            let len = parse_head_into(input.as_bytes(), LIMITS, &mut reused).unwrap();
+            assert_eq!(len, Some(input.len()));
+            assert_eq!(format!("{reused:?}"), format!("{:?}", head(input)), "{input:?} after round {i}");
         }
     }
 

@@ -285,8 +285,7 @@ impl<I: Io, H: Handler> Conn<I, H> {
                 Ok(false) => return Ok(Next::Close),
                 Err(e) => return self.head_failed(e).await,
             }
-            let Some(head) = slot.0.as_deref_mut() else { return Ok(Next::Close) };
-            match self.exchange(head).await? {
+            match self.exchange(slot.head()).await? {
                 Next::KeepAlive if self.shared.lock().has_next_request() => {}
                 next => return Ok(next),
             }
@@ -413,21 +412,21 @@ impl<I: Io, H: Handler> Conn<I, H> {
                 // A head that is already whole (the usual case, and every pipelined one) parses
                 // at the first look, without the scanner; anything else (incomplete, or an
                 // error) is left to the scanner, which answers the same whatever the splits.
+                let head = slot.head();
                 let whole = match scanner.is_fresh() {
-                    true => decode::parse_head(st.buf.filled(), limits).ok().flatten(),
+                    true => decode::parse_head_into(st.buf.filled(), limits, head).ok().flatten(),
                     false => None,
                 };
                 let parsed = match whole {
-                    Some(head) => Some(Ok(Some(head))),
+                    Some(len) => Some(Ok(Some(len))),
                     None => scanner
                         .ready(st.buf.filled(), limits.max_head_bytes)
-                        .map(|n| decode::parse_head(&st.buf.filled()[..n], limits)),
+                        .map(|n| decode::parse_head_into(&st.buf.filled()[..n], limits, head)),
                 };
                 if let Some(parsed) = parsed {
                     match parsed {
-                        Ok(Some((head, len))) => {
+                        Ok(Some(len)) => {
                             st.buf.consume(len);
-                            slot.put(head);
                             return Ok(true);
                         }
                         Ok(None) => {}
@@ -649,18 +648,11 @@ thread_local! {
 }
 
 impl HeadSlot {
-    /// Stores `head`, in the box already held, one from the pool, or a new one.
-    fn put(&mut self, head: Head) {
-        match &mut self.0 {
-            Some(slot) => **slot = head,
-            None => match HEADS.try_with(|pool| pool.borrow_mut().pop()).ok().flatten() {
-                Some(mut slot) => {
-                    *slot = head;
-                    self.0 = Some(slot);
-                }
-                None => self.0 = Some(Box::new(head)),
-            },
-        }
+    /// The head to parse into: the box already held, one from the pool, or a new one.
+    fn head(&mut self) -> &mut Head {
+        self.0.get_or_insert_with(|| {
+            HEADS.try_with(|pool| pool.borrow_mut().pop()).ok().flatten().unwrap_or_else(|| Box::new(Head::empty()))
+        })
     }
 }
 

@@ -76,6 +76,9 @@ pub(super) async fn respond<I: Io, H: Handler>(
     if expect_continue {
         flush(&shared.io, out).await?;
     }
+    // The target, for the connections view if the handler has to wait (the request takes
+    // the head's URI).
+    let target = head.uri.path_and_query().cloned();
     // Built in the call, so the request never lives in this future beside the handler's.
     let (req, request) = build_request(shared, ctx, head, gone.as_ref());
 
@@ -85,7 +88,7 @@ pub(super) async fn respond<I: Io, H: Handler>(
         match poll_once(handler.as_mut()).await {
             Some(response) => response,
             None => {
-                let target = head.uri.path_and_query().map_or("", |p| p.as_str());
+                let target = target.as_ref().map_or("", |p| p.as_str());
                 records.tracker.show(Some(format!("{} {target}", head.method)));
                 progress.shown = true;
                 flush(&shared.io, out).await?;
@@ -134,8 +137,8 @@ pub(super) async fn respond<I: Io, H: Handler>(
 
     // 3. Framing (RFC 9112 §6.1-6.3) and persistence (§9.3).
     let status = parts.status;
-    let declared = declared_length(&parts.headers);
-    let mut close = !keep_alive || asks_close(&parts.headers) || status.is_informational();
+    let (declared, asks_close) = framing_fields(&parts.headers);
+    let mut close = !keep_alive || asks_close || status.is_informational();
     let bodiless = status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let (content_length, chunked, send_body) = if bodiless {
         (declared.filter(|_| status == StatusCode::NOT_MODIFIED), false, false)
@@ -278,8 +281,8 @@ pub(super) async fn respond<I: Io, H: Handler>(
 }
 
 /// The request handed to the handler, and its number on the connection: the head's fields
-/// (method and target cloned: the head keeps them for the connections view while the handler
-/// waits), and a body reading from the connection.
+/// (the method cloned, the rest moved out: the head is left holding empty defaults), and a
+/// body reading from the connection.
 fn build_request<I: Io, H: Handler>(
     shared: &Arc<Shared<I>>,
     ctx: &Context<H>,
@@ -306,11 +309,13 @@ fn build_request<I: Io, H: Handler>(
             Body::incoming(Incoming { source: shared.clone(), request, remaining }, ctx.settings.max_body_bytes)
         }
     };
+    // Swapped, not assigned: the head takes the request's empty defaults, so nothing is
+    // cloned and nothing dropped here (the next head is parsed over them).
     let mut req = Request::new(body);
     *req.method_mut() = head.method.clone();
-    *req.uri_mut() = head.uri.clone();
+    std::mem::swap(req.uri_mut(), &mut head.uri);
     *req.version_mut() = head.version;
-    *req.headers_mut() = std::mem::take(&mut head.headers);
+    std::mem::swap(req.headers_mut(), &mut head.headers);
     if let Some(gone) = gone {
         req.extensions_mut().insert(gone.clone());
     }
@@ -384,14 +389,20 @@ async fn watch_peer<I: Io, T>(shared: &Shared<I>, gone: &PeerGone) -> T {
     .await
 }
 
-/// The handler's `Content-Length`, if it set a valid one.
-fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
-}
-
-/// Whether the handler's `Connection` field says `close`.
-fn asks_close(headers: &HeaderMap) -> bool {
-    decode::connection_names(headers, b"close")
+/// What the handler's fields say about framing: its `Content-Length` if it set a valid one
+/// (the first such field counts), and whether a `Connection` field says `close`. One pass
+/// over the fields: two hashed lookups cost more, even in an empty map.
+fn framing_fields(headers: &HeaderMap) -> (Option<u64>, bool) {
+    let (mut declared, mut length_seen, mut close) = (None, false, false);
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH && !length_seen {
+            length_seen = true;
+            declared = value.to_str().ok().and_then(|v| v.trim().parse().ok());
+        } else if name == header::CONNECTION {
+            close |= decode::lists(value.as_bytes(), b"close");
+        }
+    }
+    (declared, close)
 }
 
 /// Streams `body` after the head in `out`: chunked, or exactly `length` bytes. Returns false
