@@ -24,8 +24,8 @@
 //! store; one sweeper per group wakes the connections whose deadline has passed. A supervisor
 //! races the group's members against a shared stop signal, and a counter of open connections
 //! tells the drain when it is done. It depends on smol's building blocks (async-io,
-//! async-executor, futures-lite), `http` for types and `httparse` for parsing; no tokio, no
-//! hyper.
+//! async-executor and the `async-task` under it, futures-lite), `http` for types and
+//! `httparse` for parsing; no tokio, no hyper.
 //!
 //! # Runtimes
 //!
@@ -35,7 +35,7 @@
 //!
 //! | mode | how | threads started | what it costs | pick it when |
 //! |---|---|---|---|---|
-//! | own threads (default) | [`Group::run`], `Config::threads = N` (default: one per core) | N, plus one deadline sweeper | each thread drives the reactor and its own executor; a new connection goes to the thread with the fewest open connections and stays there, so no request moves between threads and per-thread counters are never shared | the process is mainly this service |
+//! | own threads (default) | [`Group::run`], `Config::threads = N` (default: one per core) | N, plus one deadline sweeper | each thread runs its own tasks and (on Linux) waits on its own edge-triggered epoll set; a new connection goes to the thread with the fewest open connections and stays there, its socket in that thread's set, so no request or wake-up moves between threads and per-thread counters are never shared (async-io's reactor still serves the listeners, and whatever your handlers await of async-io) | the process is mainly this service |
 //! | the caller's executor | [`Group::run_on`]`(&executor)` | none | tasks run on the application's threads, which async-executor balances (a woken task may move between them); deadlines sleep on one async-io timer | the application already runs an [`async_executor::Executor`] (or `smol::Executor`) on its threads and should share them |
 //! | inside `run`'s future | [`Group::run`], `Config::threads = 0` (`SERVICEGROUP_THREADS=0`) | none | everything runs on the thread polling the future: one core at most | embedding in a smol or async-std application next to its own tasks, tests, small sidecars |
 //!

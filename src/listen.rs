@@ -195,12 +195,13 @@ impl fmt::Display for Peer {
     }
 }
 
-/// An accepted connection.
+/// An accepted connection, its socket non-blocking and in no reactor yet (the runtime
+/// registers it where its task will run).
 pub(crate) enum Accepted {
     /// Over TCP, from this address.
-    Tcp(Async<TcpStream>, SocketAddr),
+    Tcp(TcpStream, SocketAddr),
     /// Over a Unix socket.
-    Unix(Async<UnixStream>, Peer),
+    Unix(UnixStream, Peer),
 }
 
 /// A listener ready to accept, and what closing it must clean up.
@@ -262,11 +263,16 @@ impl Bound {
     pub(crate) async fn accept(&self) -> io::Result<Accepted> {
         match &self.socket {
             Socket::Tcp(l) => {
-                let (stream, peer) = l.accept().await?;
-                let _ = stream.get_ref().set_nodelay(true);
+                let (stream, peer) = l.read_with(|l| l.accept()).await?;
+                stream.set_nonblocking(true)?;
+                let _ = stream.set_nodelay(true);
                 Ok(Accepted::Tcp(stream, peer))
             }
-            Socket::Unix(l) => Ok(Accepted::Unix(l.accept().await?.0, self.unix_peer.clone())),
+            Socket::Unix(l) => {
+                let (stream, _) = l.read_with(|l| l.accept()).await?;
+                stream.set_nonblocking(true)?;
+                Ok(Accepted::Unix(stream, self.unix_peer.clone()))
+            }
         }
     }
 

@@ -89,14 +89,24 @@ async fn accept_loop<H: Handler>(
     let mut backoff = None;
     let spawn = |accepted| {
         let ctx = ctx.clone();
+        let place = tasks.place();
         match accepted {
             Accepted::Tcp(stream, peer) => {
                 log::trace!("{peer}: accepted");
-                runtime.spawn(tasks, move |place, done| conn::serve(stream, Some(Peer::Tcp(peer)), ctx, place, done));
+                match runtime.stream(place, stream) {
+                    Ok(stream) => runtime
+                        .spawn(tasks, place, move |done| conn::serve(stream, Some(Peer::Tcp(peer)), ctx, place, done)),
+                    Err(e) => log::warn!("{peer}: closed at once: the socket could not be registered: {e}"),
+                }
             }
             Accepted::Unix(stream, peer) => {
                 log::trace!("{peer}: accepted");
-                runtime.spawn(tasks, move |place, done| conn::serve(stream, Some(peer), ctx, place, done));
+                match runtime.stream(place, stream) {
+                    Ok(stream) => {
+                        runtime.spawn(tasks, place, move |done| conn::serve(stream, Some(peer), ctx, place, done))
+                    }
+                    Err(e) => log::warn!("{peer}: closed at once: the socket could not be registered: {e}"),
+                }
             }
         }
     };

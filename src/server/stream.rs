@@ -9,13 +9,13 @@ use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context as TaskContext, Poll};
 
-use async_io::Async;
 use futures_lite::future::poll_fn;
 
 use crate::body::Source;
 use crate::error::Error;
 use crate::h1::decode::{self, BodyDecoder};
 use crate::h1::encode::CONTINUE;
+use crate::runtime::Stream;
 use crate::upgrade::Tunnel;
 
 /// Bytes asked of the socket per read.
@@ -38,20 +38,32 @@ pub(crate) trait Io: Send + Sync + 'static {
     fn shutdown(&self);
 }
 
-/// A socket registered with the reactor is an [`Io`]: TCP, and Unix streams.
+/// A socket in a reactor is an [`Io`]: TCP, and Unix streams.
 macro_rules! socket_io {
     ($($stream:ty),*) => {$(
-        impl Io for Async<$stream> {
+        impl Io for Stream<$stream> {
             fn poll_read(&self, cx: &mut TaskContext<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-                futures_lite::AsyncRead::poll_read(Pin::new(&mut &*self), cx, buf)
+                match self {
+                    Stream::Shared(io) => futures_lite::AsyncRead::poll_read(Pin::new(&mut &*io), cx, buf),
+                    #[cfg(target_os = "linux")]
+                    Stream::Own(io) => io.poll_read(cx, buf),
+                }
             }
 
             fn poll_readable(&self, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-                Async::poll_readable(self, cx)
+                match self {
+                    Stream::Shared(io) => io.poll_readable(cx),
+                    #[cfg(target_os = "linux")]
+                    Stream::Own(io) => io.poll_readable(cx),
+                }
             }
 
             fn poll_write_vectored(&self, cx: &mut TaskContext<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
-                futures_lite::AsyncWrite::poll_write_vectored(Pin::new(&mut &*self), cx, bufs)
+                match self {
+                    Stream::Shared(io) => futures_lite::AsyncWrite::poll_write_vectored(Pin::new(&mut &*io), cx, bufs),
+                    #[cfg(target_os = "linux")]
+                    Stream::Own(io) => io.poll_write_vectored(cx, bufs),
+                }
             }
 
             fn shutdown_write(&self) {

@@ -3,26 +3,38 @@
 //! [`Runtime`] is the one place that says which mode is in use; every other module spawns
 //! through it and is mode-blind:
 //!
-//! - **own threads** (`Config::threads` ≥ 1): a [`Pool`] of threads, each driving the reactor
-//!   and its own executor. A new connection is placed on the thread with the fewest open
-//!   connections and stays there: no request is handed between threads, and per-thread
-//!   state (metric shards, buffer pools) is touched by one thread only;
+//! - **own threads** (`Config::threads` ≥ 1): a [`Pool`] of threads, each running its own
+//!   tasks ([`worker`]) and, on Linux, waiting on its own epoll set ([`reactor`]). A new
+//!   connection is placed on the thread with the fewest open connections and its socket
+//!   joins that thread's set: its events wake its task on the thread that runs it, no request
+//!   is handed between threads, and per-thread state (metric shards, buffer pools) is touched
+//!   by one thread only;
 //! - **the caller's executor** ([`Group::run_on`](crate::Group::run_on)): tasks are spawned
 //!   on it, and run on whatever threads run it;
 //! - **inside `run`'s future** (`Config::threads = 0`): an executor of the group's own,
 //!   driven by the future [`Group::run`](crate::Group::run) returns, from whatever polls it.
 //!
+//! Connections' sockets are a [`Stream`]: in async-io's reactor, or in the own thread's.
+//!
 //! A server's spawned tasks are kept in its [`Tasks`], so that cutting them at the shutdown
 //! deadline, or dropping the group's future, cancels every one: cancellation is drop.
 
+#[cfg(target_os = "linux")]
+pub(crate) mod reactor;
+mod worker;
+
 use std::future::Future;
+use std::io;
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_executor::{Executor, Task};
+use async_io::Async;
 use slab::Slab;
+use worker::Worker;
 
 use crate::error::{Error, Result};
-use crate::shutdown::{Counter, Latch};
+use crate::shutdown::Counter;
 
 /// Where a group's tasks run.
 pub(crate) enum Runtime<'a> {
@@ -37,7 +49,7 @@ impl Runtime<'_> {
     /// shard per place.
     pub(crate) fn places(&self) -> usize {
         match self {
-            Runtime::Pool(pool) => pool.executors.len(),
+            Runtime::Pool(pool) => pool.workers.len(),
             Runtime::Executor(_) => 1,
         }
     }
@@ -47,26 +59,72 @@ impl Runtime<'_> {
         matches!(self, Runtime::Pool(_))
     }
 
-    /// Spawns the task `make` builds for the place it is given (the least loaded one), and
-    /// keeps it in `tasks` (and counted in its counter) until the [`Done`] it is handed
-    /// drops. The task must hold that `Done` for its whole life, which is cheaper than a
-    /// wrapper future: a future that awaits one it captured holds it twice over.
-    pub(crate) fn spawn<F>(&self, tasks: &Arc<Tasks>, make: impl FnOnce(usize, Done) -> F)
+    /// Registers an accepted connection's socket (non-blocking) with the reactor of
+    /// `place`, where its task will run: the thread's own (own threads on Linux), else
+    /// async-io's.
+    pub(crate) fn stream<T: AsFd>(&self, place: usize, io: T) -> io::Result<Stream<T>> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Runtime::Pool(pool) => Ok(Stream::Own(pool.workers[place].reactor.register(io)?)),
+            _ => Ok(Stream::Shared(Async::new_nonblocking(io)?)),
+        }
+    }
+
+    /// Spawns the task `make` builds in `place` (from [`Tasks::place`]), and keeps it in
+    /// `tasks` (and counted in its counter) until the [`Done`] it is handed drops. The task
+    /// must hold that `Done` for its whole life, which is cheaper than a wrapper future: a
+    /// future that awaits one it captured holds it twice over.
+    pub(crate) fn spawn<F>(&self, tasks: &Arc<Tasks>, place: usize, make: impl FnOnce(Done) -> F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
         let mut inner = tasks.lock();
-        let place = inner.least_loaded();
         let entry = inner.tasks.vacant_entry();
         tasks.open.acquire();
         let done = Done { tasks: tasks.clone(), key: entry.key() as u32, place: place as u32 };
-        let future = make(place, done);
-        let task = match self {
-            Runtime::Pool(pool) => pool.executors[place].spawn(future),
-            Runtime::Executor(ex) => ex.spawn(future),
+        let future = make(done);
+        let first = match self {
+            Runtime::Pool(pool) => {
+                let (first, task) = pool.workers[place].spawn(future);
+                entry.insert(task);
+                Some(first)
+            }
+            Runtime::Executor(ex) => {
+                entry.insert(ex.spawn(future));
+                None
+            }
         };
-        entry.insert(task);
         inner.loads[place] += 1;
+        // Scheduled once the handle is kept and the lock released: the task may run (and
+        // end, or be dropped by a stopped thread) at once.
+        drop(inner);
+        if let Some(first) = first {
+            first.schedule();
+        }
+    }
+}
+
+/// A connection's socket, in the reactor of the thread its task runs on.
+pub(crate) enum Stream<T: AsFd> {
+    /// async-io's (one for the process): the caller's executor, inside `run`'s future, and
+    /// own threads outside Linux.
+    Shared(Async<T>),
+    /// The own thread's.
+    #[cfg(target_os = "linux")]
+    Own(reactor::Source<T>),
+}
+
+impl<T: AsFd> Stream<T> {
+    /// The socket.
+    pub(crate) fn get_ref(&self) -> &T
+    where
+        for<'a> &'a T: io::Read + io::Write,
+    {
+        match self {
+            Stream::Shared(io) => io.get_ref(),
+            #[cfg(target_os = "linux")]
+            Stream::Own(io) => io.get_ref(),
+        }
     }
 }
 
@@ -119,6 +177,11 @@ impl TasksInner {
 }
 
 impl Tasks {
+    /// The place for the next task: the least loaded one.
+    pub(crate) fn place(&self) -> usize {
+        self.lock().least_loaded()
+    }
+
     /// An empty set for a runtime with `places` places, counting its tasks in `open`.
     pub(crate) fn new(places: usize, open: Counter) -> Arc<Tasks> {
         let inner = TasksInner { tasks: Slab::new(), loads: vec![0; places.max(1)], next: 0 };
@@ -175,12 +238,11 @@ impl Drop for CancelOnDrop<'_> {
     }
 }
 
-/// Threads, each running the reactor and its own executor until stopped.
+/// Threads, each running its own tasks (and on Linux waiting on its own epoll set) until
+/// stopped.
 pub(crate) struct Pool {
-    /// One executor per thread; only that thread runs it.
-    executors: Vec<Arc<Executor<'static>>>,
-    /// Tells the threads to return.
-    stop: Latch,
+    /// One per thread; only that thread runs its tasks.
+    workers: Vec<Arc<Worker>>,
     /// Threads still running.
     running: Counter,
 }
@@ -188,18 +250,15 @@ pub(crate) struct Pool {
 impl Pool {
     /// Starts `threads` threads (at least one).
     pub(crate) fn start(threads: usize) -> Result<Pool> {
-        let mut pool = Pool { executors: Vec::new(), stop: Latch::default(), running: Counter::default() };
+        let mut pool = Pool { workers: Vec::new(), running: Counter::default() };
         for i in 0..threads.max(1) {
-            let ex = Arc::new(Executor::new());
-            pool.executors.push(ex.clone());
-            let stop = pool.stop.wait();
+            let worker = Worker::new().map_err(Error::Io)?;
+            pool.workers.push(worker.clone());
             let running = pool.running.guard();
             std::thread::Builder::new()
                 .name(format!("servicegroup-{i}"))
                 .spawn(move || {
-                    async_io::block_on(ex.run(stop));
-                    // Whatever is still on the executor is dropped with it.
-                    drop(ex);
+                    worker.run();
                     drop(running);
                 })
                 .map_err(Error::Io)?;
@@ -209,7 +268,7 @@ impl Pool {
 
     /// Stops the threads and waits until they have returned.
     pub(crate) async fn stop(self) {
-        self.stop.set();
+        self.workers.iter().for_each(|w| w.stop());
         self.running.wait_below(1).await;
     }
 }
@@ -217,7 +276,7 @@ impl Pool {
 impl Drop for Pool {
     fn drop(&mut self) {
         // Dropped without `stop` (the group's future was dropped): the threads still end.
-        self.stop.set();
+        self.workers.iter().for_each(|w| w.stop());
     }
 }
 
@@ -246,14 +305,14 @@ mod tests {
         let (stopped, finished) = (Counter::default(), Counter::default());
         for _ in 0..3 {
             let guard = stopped.guard();
-            runtime.spawn(&tasks, |_, done| async move {
+            runtime.spawn(&tasks, 0, |done| async move {
                 let _done = done;
                 let _guard = guard;
                 futures_lite::future::pending::<()>().await;
             });
         }
         let guard = finished.guard();
-        runtime.spawn(&tasks, |_, done| async move {
+        runtime.spawn(&tasks, 0, |done| async move {
             let _done = done;
             drop(guard)
         });
