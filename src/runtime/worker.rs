@@ -95,11 +95,13 @@ impl Worker {
             let mut remote = lock(&self.remote);
             match remote.as_mut() {
                 Some(queue) => queue.push(runnable),
-                // The thread has ended: dropping the task cancels it (outside the lock: that
-                // drops its future).
+                // The thread has ended (after the runtime cut every task it spawned, so only
+                // a task that escaped the cut gets here): dropping the runnable cancels the
+                // task and drops its future, on a thread of its own, since whoever woke it
+                // may hold locks that the future's drop takes.
                 None => {
                     drop(remote);
-                    drop(runnable);
+                    let _ = std::thread::Builder::new().name("servicegroup-drop".into()).spawn(move || drop(runnable));
                     return;
                 }
             }
@@ -220,4 +222,74 @@ impl Worker {
 /// Locks `m`; a panic elsewhere leaves the data consistent.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    /// Starts `worker`'s thread.
+    fn start(worker: &Arc<Worker>) -> std::thread::JoinHandle<()> {
+        let worker = worker.clone();
+        std::thread::spawn(move || worker.run())
+    }
+
+    #[test]
+    fn tasks_spawned_and_woken_from_other_threads_run_on_the_worker() {
+        let worker = Worker::new().unwrap();
+        let thread = start(&worker);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (unblock, blocked) = smol::channel::bounded::<()>(1);
+        let (first, task) = worker.spawn(async move {
+            let name = std::thread::current().id();
+            // Waits for a wake-up that comes from the test's thread.
+            blocked.recv().await.unwrap();
+            tx.send((name, std::thread::current().id())).unwrap();
+        });
+        first.schedule();
+        std::thread::sleep(Duration::from_millis(20));
+        futures_lite::future::block_on(unblock.send(())).unwrap();
+        let (before, after) = rx.recv_timeout(Duration::from_secs(5)).expect("the task ran");
+        assert_eq!(before, after, "woken from elsewhere, it still runs on its worker");
+        assert_eq!(before, thread.thread().id());
+        futures_lite::future::block_on(task);
+        worker.stop();
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_stopped_worker_drops_what_is_left_and_what_is_woken_later() {
+        /// Counts its drops.
+        struct Dropped(Arc<AtomicUsize>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let worker = Worker::new().unwrap();
+        let thread = start(&worker);
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let (wake, waiting) = smol::channel::bounded::<()>(1);
+        let guard = Dropped(dropped.clone());
+        let (first, task) = worker.spawn(async move {
+            let _guard = guard;
+            let _ = waiting.recv().await;
+            futures_lite::future::pending::<()>().await;
+        });
+        task.detach();
+        first.schedule();
+        std::thread::sleep(Duration::from_millis(20));
+        worker.stop();
+        thread.join().unwrap();
+        assert_eq!(dropped.load(Ordering::SeqCst), 0, "a task waiting for a wake-up is not dropped by the stop");
+        // Woken after its thread ended: dropped, not leaked.
+        futures_lite::future::block_on(wake.send(())).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while dropped.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(dropped.load(Ordering::SeqCst), 1);
+    }
 }
