@@ -390,6 +390,23 @@ in_every_runtime! {
 }
 
 in_every_runtime! {
+    fn a_body_read_on_another_thread_waits_there_for_its_bytes() -> io::Result<()> {
+        let (handler, _) = app();
+        let server = Server::start(handler, config());
+        let mut client = Client::new(server.addr);
+        client.send(b"POST /len-elsewhere HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nhello");
+        // The reader on the other thread has taken these five bytes and waits for more.
+        std::thread::sleep(Duration::from_millis(50));
+        client.send(b"world");
+        let response = client.response();
+        assert_eq!((response.status, response.text()), (200, "10".to_string()));
+        // The connection goes on serving on its own thread.
+        assert_eq!(client.request(&get("/")).text(), "hello");
+        Ok(())
+    }
+}
+
+in_every_runtime! {
     fn a_panicking_handler_gets_its_client_a_500_and_others_are_served() -> io::Result<()> {
         let (handler, _) = app();
         let server = Server::start(handler, config());

@@ -402,6 +402,20 @@ pub fn app() -> (impl Handler, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
                     Ok(bytes) => Response::new(Body::from(bytes.len().to_string())),
                     Err(e) => e.to_response(),
                 },
+                // Reads the whole body on a thread of its own (another executor: a bare
+                // block_on), and answers with its length.
+                "/len-elsewhere" => {
+                    let (tx, rx) = smol::channel::bounded(1);
+                    let mut body = std::mem::take(req.body_mut());
+                    std::thread::spawn(move || {
+                        let n = futures_lite::future::block_on(Body::bytes(&mut body)).map(|b| b.len());
+                        let _ = tx.send_blocking(n.map_err(|e| e.to_string()));
+                    });
+                    match rx.recv().await {
+                        Ok(Ok(n)) => Response::new(Body::from(n.to_string())),
+                        other => Response::new(Body::from(format!("{other:?}"))),
+                    }
+                }
                 // Streams the body back.
                 "/echo" => Response::new(req.into_body()),
                 // Never reads the body.
