@@ -52,11 +52,17 @@ pub struct ResponseHead<'a> {
 
 /// Appends the status line and fields of `head`, and the blank line, to `out`.
 pub fn encode_head(out: &mut Vec<u8>, head: &ResponseHead<'_>) {
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(head.status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(head.status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(CRLF);
+    match head.status {
+        // The usual case in one copy of a constant.
+        StatusCode::OK => out.extend_from_slice(b"HTTP/1.1 200 OK\r\n"),
+        status => {
+            out.extend_from_slice(b"HTTP/1.1 ");
+            out.extend_from_slice(status.as_str().as_bytes());
+            out.push(b' ');
+            out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+            out.extend_from_slice(CRLF);
+        }
+    }
     if let Some(date) = head.date {
         out.extend_from_slice(b"date: ");
         out.extend_from_slice(date);

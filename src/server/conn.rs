@@ -164,7 +164,9 @@ pub(crate) fn serve<I: Io, H: Handler>(
 pub(super) enum Next {
     /// The handler accepted an upgrade and its head is written: run the protocol.
     Upgrade(Serve),
-    /// Serve the next request.
+    /// Serve the next request, whose first bytes are already buffered (pipelined).
+    Serve,
+    /// Wait for the next request.
     KeepAlive,
     /// Close now: everything is sent and the client has nothing more to send.
     Close,
@@ -253,7 +255,8 @@ impl<I: Io, H: Handler> Conn<I, H> {
             // Likewise the last phase: `Next` (which owns an upgrade's protocol) then never
             // lives in the task beside it (it cost idle tasks 88 bytes).
             let last: Pin<Box<dyn Future<Output = ()> + Send + '_>> = match busy.await? {
-                Next::KeepAlive => continue,
+                // (`busy` serves what is buffered, so it never returns `Serve`.)
+                Next::KeepAlive | Next::Serve => continue,
                 Next::Close => return Ok(()),
                 Next::Upgrade(serve) => Box::pin(self.upgraded(serve)),
                 Next::Linger => Box::pin(self.linger()),
@@ -286,7 +289,7 @@ impl<I: Io, H: Handler> Conn<I, H> {
                 Err(e) => return self.head_failed(e).await,
             }
             match self.exchange(slot.head()).await? {
-                Next::KeepAlive if self.shared.lock().has_next_request() => {}
+                Next::Serve => {}
                 next => return Ok(next),
             }
         }

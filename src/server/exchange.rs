@@ -137,7 +137,7 @@ pub(super) async fn respond<I: Io, H: Handler>(
 
     // 3. Framing (RFC 9112 §6.1-6.3) and persistence (§9.3).
     let status = parts.status;
-    let (declared, asks_close) = framing_fields(&parts.headers);
+    let Fields { declared, asks_close, has_date } = framing_fields(&parts.headers);
     let mut close = !keep_alive || asks_close || status.is_informational();
     let bodiless = status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let (content_length, chunked, send_body) = if bodiless {
@@ -183,8 +183,7 @@ pub(super) async fn respond<I: Io, H: Handler>(
             drop(st);
             return Ok(refuse(records.metrics, out, progress, Error::BadRequest(why), now));
         }
-        let pipelined = st.body.is_done() && st.has_next_request();
-        if ctx.close_responses.is_set() && !pipelined {
+        if ctx.close_responses.is_set() && !(st.body.is_done() && st.has_next_request()) {
             // Shutting down: this is the last response, unless more requests are already here.
             close = true;
         }
@@ -224,7 +223,7 @@ pub(super) async fn respond<I: Io, H: Handler>(
             content_length,
             chunked,
             connection,
-            date: (!parts.headers.contains_key(header::DATE)).then_some(&date),
+            date: (!has_date).then_some(&date),
         },
     );
     progress.head_written = true;
@@ -273,6 +272,7 @@ pub(super) async fn respond<I: Io, H: Handler>(
         flush(&shared.io, out).await?;
     }
     Ok(match close {
+        false if body_done && buffered => Next::Serve,
         false => Next::KeepAlive,
         // The client has nothing more to send: no need to linger.
         true if body_done && !buffered => Next::Close,
@@ -389,20 +389,32 @@ async fn watch_peer<I: Io, T>(shared: &Shared<I>, gone: &PeerGone) -> T {
     .await
 }
 
-/// What the handler's fields say about framing: its `Content-Length` if it set a valid one
-/// (the first such field counts), and whether a `Connection` field says `close`. One pass
-/// over the fields: two hashed lookups cost more, even in an empty map.
-fn framing_fields(headers: &HeaderMap) -> (Option<u64>, bool) {
-    let (mut declared, mut length_seen, mut close) = (None, false, false);
+/// What the handler's fields say about framing and the head: see [`framing_fields`].
+struct Fields {
+    /// Its `Content-Length`, if it set a valid one (the first such field counts).
+    declared: Option<u64>,
+    /// Whether a `Connection` field says `close`.
+    asks_close: bool,
+    /// Whether it set its own `Date`.
+    has_date: bool,
+}
+
+/// Reads what the handler's fields say about framing and the head, in one pass over them:
+/// three hashed lookups cost more, even in an empty map.
+fn framing_fields(headers: &HeaderMap) -> Fields {
+    let mut fields = Fields { declared: None, asks_close: false, has_date: false };
+    let mut length_seen = false;
     for (name, value) in headers {
         if name == header::CONTENT_LENGTH && !length_seen {
             length_seen = true;
-            declared = value.to_str().ok().and_then(|v| v.trim().parse().ok());
+            fields.declared = value.to_str().ok().and_then(|v| v.trim().parse().ok());
         } else if name == header::CONNECTION {
-            close |= decode::lists(value.as_bytes(), b"close");
+            fields.asks_close |= decode::lists(value.as_bytes(), b"close");
+        } else if name == header::DATE {
+            fields.has_date = true;
         }
     }
-    (declared, close)
+    fields
 }
 
 /// Streams `body` after the head in `out`: chunked, or exactly `length` bytes. Returns false
