@@ -116,10 +116,7 @@ pub(crate) enum Stream<T: AsFd> {
 
 impl<T: AsFd> Stream<T> {
     /// The socket.
-    pub(crate) fn get_ref(&self) -> &T
-    where
-        for<'a> &'a T: io::Read + io::Write,
-    {
+    pub(crate) fn get_ref(&self) -> &T {
         match self {
             Stream::Shared(io) => io.get_ref(),
             #[cfg(target_os = "linux")]

@@ -255,15 +255,17 @@ pub(crate) struct Source<T: AsFd> {
     key: usize,
 }
 
-impl<T: AsFd> Source<T>
-where
-    for<'a> &'a T: Read + Write,
-{
+impl<T: AsFd> Source<T> {
     /// The socket.
     pub(crate) fn get_ref(&self) -> &T {
         &self.io
     }
+}
 
+impl<T: AsFd> Source<T>
+where
+    for<'a> &'a T: Read + Write,
+{
     /// Reads into `buf`; `Ok(0)` at the end of the stream.
     pub(crate) fn poll_read(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         let len = buf.len();
