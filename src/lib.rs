@@ -50,8 +50,8 @@
 //! smol application already holds; the accept loop then uses the `Async` inside). Under
 //! systemd socket activation the group takes the sockets systemd passes instead, and with
 //! `NOTIFY_SOCKET` set it reports readiness, stopping and the watchdog (see [`Group::new`]).
-//! Each accepted connection is an `async_io::Async` stream with no `Arc` to pay per
-//! connection.
+//! Each accepted connection's socket joins the reactor of the thread its task runs on: on
+//! own threads (Linux) that thread's epoll set, otherwise async-io's (an `async_io::Async`).
 //!
 //! # Examples
 //!

@@ -6,6 +6,7 @@ pub(crate) mod conn;
 mod exchange;
 mod stream;
 
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use futures_lite::FutureExt;
 
 use crate::handler::Handler;
 use crate::listen::{Accepted, Bound, Peer, TURN_AWAY_SETTLE};
-use crate::runtime::{Runtime, Tasks};
+use crate::runtime::{Runtime, Stream, Tasks};
 use crate::shutdown::Counter;
 use conn::Context;
 
@@ -87,28 +88,9 @@ async fn accept_loop<H: Handler>(
 ) {
     let stop = ctx.close_idle.clone();
     let mut backoff = None;
-    let spawn = |accepted| {
-        let ctx = ctx.clone();
-        let place = tasks.place();
-        match accepted {
-            Accepted::Tcp(stream, peer) => {
-                log::trace!("{peer}: accepted");
-                match runtime.stream(place, stream) {
-                    Ok(stream) => runtime
-                        .spawn(tasks, place, move |done| conn::serve(stream, Some(Peer::Tcp(peer)), ctx, place, done)),
-                    Err(e) => log::warn!("{peer}: closed at once: the socket could not be registered: {e}"),
-                }
-            }
-            Accepted::Unix(stream, peer) => {
-                log::trace!("{peer}: accepted");
-                match runtime.stream(place, stream) {
-                    Ok(stream) => {
-                        runtime.spawn(tasks, place, move |done| conn::serve(stream, Some(peer), ctx, place, done))
-                    }
-                    Err(e) => log::warn!("{peer}: closed at once: the socket could not be registered: {e}"),
-                }
-            }
-        }
+    let spawn = |accepted| match accepted {
+        Accepted::Tcp(stream, peer) => start(runtime, tasks, ctx, stream, Peer::Tcp(peer)),
+        Accepted::Unix(stream, peer) => start(runtime, tasks, ctx, stream, peer),
     };
     log::debug!("{} server: listening on {}", listener.name, listener.addr());
     // Listen, then check: the one listener serves every wait of the loop (it only fires once,
@@ -179,6 +161,24 @@ async fn accept_loop<H: Handler>(
         }
     }
     log::debug!("{} server: stopped accepting", listener.name);
+}
+
+/// Starts serving an accepted connection from `peer`: its socket joins the reactor of the
+/// place its task will run in, and the task is spawned there.
+fn start<T, H: Handler>(runtime: &Runtime<'_>, tasks: &Arc<Tasks>, ctx: &Arc<Context<H>>, stream: T, peer: Peer)
+where
+    T: AsFd,
+    Stream<T>: conn::Io,
+{
+    log::trace!("{peer}: accepted");
+    let place = tasks.place();
+    match runtime.stream(place, stream) {
+        Ok(stream) => {
+            let ctx = ctx.clone();
+            runtime.spawn(tasks, place, move |done| conn::serve(stream, Some(peer), ctx, place, done));
+        }
+        Err(e) => log::warn!("{peer}: closed at once: its socket could not be registered: {e}"),
+    }
 }
 
 /// Waits until fewer than `max` connections are open (`Some`), or the drain starts (`None`).
