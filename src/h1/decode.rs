@@ -9,7 +9,7 @@
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Uri, Version};
 
@@ -100,6 +100,8 @@ pub struct Head {
     /// field named in `Connection` (RFC 9110 §7.8), or a `CONNECT` (§9.3.6). The handler
     /// decides; the connection stays HTTP/1.1 unless it takes the offer.
     pub upgrade: bool,
+    /// Where the head's bytes are copied for the target and field values to share.
+    pub store: HeadStore,
 }
 
 impl Head {
@@ -114,7 +116,50 @@ impl Head {
             keep_alive: true,
             expect_continue: false,
             upgrade: false,
+            store: HeadStore::default(),
         }
+    }
+
+    /// Drops what the head holds of a request (its target and field values), keeping the
+    /// storage for the next head's bytes and the fields map's capacity.
+    pub fn clear(&mut self) {
+        self.method = Method::GET;
+        self.uri = Uri::default();
+        self.headers.clear();
+    }
+}
+
+/// Storage that request heads are copied into, so that a head's target and field values can
+/// be zero-copy slices of it (`Bytes`) that outlive the read buffer.
+///
+/// Heads are appended to one buffer of at least [`STORE_CHUNK`] bytes, and each is split off
+/// as its own `Bytes`: a head costs a copy and a reference count, not an allocation. When the
+/// buffer is full and every earlier head's slices are gone (the usual case: a request's
+/// fields are dropped with it), `BytesMut::reserve` reuses it from the start; while a request
+/// still holds some, a new buffer is allocated and the old one lives as long as they do.
+#[derive(Default)]
+pub struct HeadStore(BytesMut);
+
+/// Bytes a [`HeadStore`] allocates at a time (more for a larger head): about one browser's
+/// head (0.5 to 1 KiB), or dozens of an API client's, so that a request still running holds
+/// no more than before (the store of a connection whose request is waiting is not reused).
+pub const STORE_CHUNK: usize = 1024;
+
+impl HeadStore {
+    /// A copy of `head` that its slices (the target, the field values) share.
+    fn keep(&mut self, head: &[u8]) -> Bytes {
+        let store = &mut self.0;
+        if store.capacity() < head.len() {
+            store.reserve(head.len().max(STORE_CHUNK));
+        }
+        store.extend_from_slice(head);
+        store.split().freeze()
+    }
+}
+
+impl std::fmt::Debug for HeadStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HeadStore")
     }
 }
 
@@ -166,7 +211,7 @@ pub fn parse_head_into(buf: &[u8], limits: Limits, head: &mut Head) -> Result<Op
     }
 
     // One copy of the head; the target and every field value are zero-copy slices of it.
-    let shared = head_bytes(&buf[..len]);
+    let shared = head.store.keep(&buf[..len]);
     let slice = |part: &[u8]| shared.slice(offset(buf, part));
 
     let method = req.method.unwrap_or_default();
@@ -280,36 +325,6 @@ impl HeadScanner {
 }
 
 /// The range `part` occupies inside `whole`; `part` must be a subslice of `whole`.
-/// A copy of `head` whose slices (the target, the field values) share it. Heads up to 1 KiB
-/// (nearly all) live inline in the one allocation `Bytes::from_owner` makes, in a size class
-/// that fits; `Bytes::copy_from_slice` would allocate twice (the copy, then the shared
-/// count on the first slice).
-fn head_bytes(head: &[u8]) -> Bytes {
-    /// At most `N` bytes, stored inline.
-    struct Inline<const N: usize> {
-        /// The bytes; `len` of them are the head.
-        data: [u8; N],
-        /// How many.
-        len: usize,
-    }
-    impl<const N: usize> AsRef<[u8]> for Inline<N> {
-        fn as_ref(&self) -> &[u8] {
-            &self.data[..self.len]
-        }
-    }
-    fn inline<const N: usize>(head: &[u8]) -> Bytes {
-        let mut data = [0; N];
-        data[..head.len()].copy_from_slice(head);
-        Bytes::from_owner(Inline { data, len: head.len() })
-    }
-    match head.len() {
-        0..=64 => inline::<64>(head),
-        65..=256 => inline::<256>(head),
-        257..=1024 => inline::<1024>(head),
-        _ => Bytes::copy_from_slice(head),
-    }
-}
-
 fn offset(whole: &[u8], part: &[u8]) -> Range<usize> {
     let start = part.as_ptr() as usize - whole.as_ptr() as usize;
     start..start + part.len()
@@ -884,19 +899,30 @@ mod tests {
     }
 
     #[test]
-    fn heads_of_every_storage_size_keep_their_target_and_values() {
-        // Around each size class of `head_bytes` (64, 256, 1024 bytes inline; then a copy).
-        let limits = Limits { max_head_bytes: 4096, max_headers: 8 };
-        for len in [40, 63, 64, 65, 255, 256, 257, 1023, 1024, 1025, 3000] {
+    fn heads_of_every_size_keep_their_target_and_values_while_the_store_is_reused() {
+        // Around the store's chunk size, all parsed into one head. Every other request's fields
+        // are kept alive, so the store both reuses its buffer (once nothing holds it) and moves
+        // on to a new one (while something does); the kept values must stay intact.
+        let limits = Limits { max_head_bytes: 8192, max_headers: 8 };
+        let mut head = Head::empty();
+        let mut kept = Vec::new();
+        let lens = [40, 63, 64, 65, 1023, 1024, 1025, 4097, 40, 700, 700, 40, 400, 400, 400, 400];
+        for (i, len) in lens.into_iter().enumerate() {
             let fixed = "GET /p HTTP/1.1\r\nX-Pad: \r\nHost: h\r\n\r\n".len();
-            let pad = "x".repeat(len - fixed);
+            let pad = char::from(b'a' + i as u8).to_string().repeat(len - fixed);
             let input = format!("GET /p HTTP/1.1\r\nX-Pad: {pad}\r\nHost: h\r\n\r\n");
             assert_eq!(input.len(), len);
-            let (head, n) = parse_head(input.as_bytes(), limits).unwrap().unwrap();
-            assert_eq!(n, len);
+            assert_eq!(parse_head_into(input.as_bytes(), limits, &mut head), Ok(Some(len)));
             assert_eq!(head.uri, "/p", "at {len} bytes");
             assert_eq!(head.headers["x-pad"], pad.as_str(), "at {len} bytes");
             assert_eq!(head.headers["host"], "h", "at {len} bytes");
+            let headers = std::mem::take(&mut head.headers);
+            if i % 2 == 0 {
+                kept.push((pad, headers));
+            }
+        }
+        for (pad, headers) in kept {
+            assert_eq!(headers["x-pad"], pad.as_str());
         }
     }
 

@@ -662,8 +662,9 @@ impl HeadSlot {
 impl Drop for HeadSlot {
     fn drop(&mut self) {
         if let Some(mut slot) = self.0.take() {
-            // Emptied now: a pooled box holds no request's bytes.
-            *slot = Head::empty();
+            // Emptied now: a pooled box holds no request (only storage for the next head's
+            // bytes, see `HeadStore`).
+            slot.clear();
             let _ = HEADS.try_with(|pool| {
                 let mut pool = pool.borrow_mut();
                 if pool.len() < POOL_HEADS {
