@@ -35,12 +35,16 @@ SERVERS = {
     "floor (bare async-io)": ("floor_server", {}),
     # The same on one executor shared by the threads (the caller's-executor model, and tokio's).
     "floor, one shared executor": ("floor_server", {"MODE": "shared"}),
+    # The floor plus the http types any handler-facing server builds per request (httparse,
+    # `http::Request` with its `HeaderMap`, a `Response`): callgrind rows only.
+    "floor + http types": ("floor_server", {"TYPES": "http"}),
     "servicegroup": ("sg_server", {}),
     "sg, timeouts off": ("sg_server", {"TIMEOUTS": "off"}),
     "sg, access log on": ("sg_server", {"ACCESS_LOG": "1"}),
     "sg on the caller's executor": ("sg_server", {"MODE": "executor"}),
     "sg inside run's future": ("sg_server", {"MODE": "inline"}),
 }
+TYPES_FLOOR = "floor + http types"
 # Also measured with keep-alive only: both servers on one thread, which on a 2-core machine
 # shared with wrk shows the cost of the request path without cross-thread wake-ups.
 ONE_THREAD = {
@@ -351,7 +355,7 @@ def main():
         idle = {}
         args.skip_callgrind = True
     else:
-        plain = [s for s in SERVERS if s == "servicegroup" or s not in mode_servers + ["sg, access log on"]]
+        plain = [s for s in SERVERS if s == "servicegroup" or s not in mode_servers + ["sg, access log on", TYPES_FLOOR]]
         runs = {(s, c): [] for s in plain for c in SCENARIOS}
         runs[("sg, access log on", keep_alive)] = []
         runs.update({(s, keep_alive): [] for s in ONE_THREAD})
@@ -450,9 +454,9 @@ def main():
     if not args.skip_callgrind:
         print("\n| callgrind, 1 thread | instructions per request, keep-alive | pipelined ×16 | new connection per request |")
         print("|---|---:|---:|---:|")
-        counted = ["hyper", "floor (bare async-io)", "servicegroup", "sg, timeouts off", "sg, access log on"]
+        counted = ["hyper", "floor (bare async-io)", "servicegroup", TYPES_FLOOR, "sg, timeouts off", "sg, access log on"]
         counts = {server: per_request_instructions(server) for server in counted}
-        piped = {server: per_request_instructions(server, depth=16) for server in counted[:3]}
+        piped = {server: per_request_instructions(server, depth=16) for server in counted[:4]}
         fresh = {server: per_request_instructions(server, depth="close") for server in counted[:3]}
         for server, count in counts.items():
             p = f"{piped[server]:,.0f}" if server in piped else ""
@@ -462,6 +466,9 @@ def main():
         print(f"| **ratio sg/hyper** | **{counts[sg] / counts[h]:.2f}×** | **{piped[sg] / piped[h]:.2f}×** | "
               f"**{fresh[sg] / fresh[h]:.2f}×** |")
         print(f"| ratio sg/floor | {counts[sg] / counts[f]:.2f}× | {piped[sg] / piped[f]:.2f}× | {fresh[sg] / fresh[f]:.2f}× |")
+        t = TYPES_FLOOR
+        print(f"| ratio (floor + http types)/hyper: the least a server handing handlers `http::Request` costs | "
+              f"{counts[t] / counts[h]:.2f}× | {piped[t] / piped[h]:.2f}× | |")
         print(f"| timeouts on/off | {counts[sg] / counts['sg, timeouts off']:.3f}× | | |")
         print(f"| access log on/off | {counts['sg, access log on'] / counts[sg]:.3f}× | | |")
 
