@@ -38,6 +38,7 @@ where
 {
     type Future = Fut;
 
+    #[inline(always)]
     fn call(&self, request: Request<Body>) -> Fut {
         self(request)
     }

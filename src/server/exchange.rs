@@ -83,7 +83,7 @@ pub(super) async fn respond<I: Io, H: Handler>(
     let (req, request) = build_request(shared, ctx, head, gone.as_ref());
 
     // The handler's future ends with this block: it never lives beside the response's writes.
-    let response = {
+    let (mut parts, mut body) = {
         let mut handler = pin!(ctx.handler.call(req));
         match poll_once(handler.as_mut()).await {
             Some(response) => response,
@@ -98,11 +98,11 @@ pub(super) async fn respond<I: Io, H: Handler>(
                 }
             }
         }
-    };
+    }
+    .into_parts();
 
     // 2. Protocol switches (RFC 9110 §7.8, §9.3.6): only offered ones, only through
     //    `upgrade::OnUpgrade::accept`.
-    let (mut parts, mut body) = response.into_parts();
     let serve = parts.extensions.get::<Accepted>().and_then(Accepted::take).filter(|_| upgrade);
     let switching =
         if is_connect { parts.status.is_success() } else { parts.status == StatusCode::SWITCHING_PROTOCOLS };
@@ -283,6 +283,7 @@ pub(super) async fn respond<I: Io, H: Handler>(
 /// The request handed to the handler, and its number on the connection: the head's fields
 /// (the method cloned, the rest moved out: the head is left holding empty defaults), and a
 /// body reading from the connection.
+#[inline(always)]
 fn build_request<I: Io, H: Handler>(
     shared: &Arc<Shared<I>>,
     ctx: &Context<H>,
