@@ -278,6 +278,12 @@ where
         self.readiness.poll_io(WRITABLE, cx, || (&self.io).write_vectored(bufs), |&n| n < len)
     }
 
+    /// Writes from `buf`.
+    pub(crate) fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let len = buf.len();
+        self.readiness.poll_io(WRITABLE, cx, || (&self.io).write(buf), |&n| n < len)
+    }
+
     /// `Ready` when a read may not block (a hint).
     pub(crate) fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.readiness.poll_ready(READABLE, cx).map(Ok)

@@ -59,10 +59,15 @@ macro_rules! socket_io {
             }
 
             fn poll_write_vectored(&self, cx: &mut TaskContext<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
-                match self {
-                    Stream::Shared(io) => futures_lite::AsyncWrite::poll_write_vectored(Pin::new(&mut &*io), cx, bufs),
+                // One buffer (nearly every flush): `send`, which costs the kernel less than
+                // `writev` (no iovec to import and check).
+                match (self, bufs) {
+                    (Stream::Shared(io), [buf]) => futures_lite::AsyncWrite::poll_write(Pin::new(&mut &*io), cx, buf),
+                    (Stream::Shared(io), _) => futures_lite::AsyncWrite::poll_write_vectored(Pin::new(&mut &*io), cx, bufs),
                     #[cfg(target_os = "linux")]
-                    Stream::Own(io) => io.poll_write_vectored(cx, bufs),
+                    (Stream::Own(io), [buf]) => io.poll_write(cx, buf),
+                    #[cfg(target_os = "linux")]
+                    (Stream::Own(io), _) => io.poll_write_vectored(cx, bufs),
                 }
             }
 
@@ -89,7 +94,13 @@ pub(super) async fn write_all<I: Io>(io: &I, out: &mut Vec<u8>, tail: &[u8]) -> 
     let mut tail_written = 0;
     while !out.is_empty() || tail_written < tail.len() {
         let bufs = [IoSlice::new(out), IoSlice::new(&tail[tail_written..])];
-        let n = poll_fn(|cx| io.poll_write_vectored(cx, &bufs)).await?;
+        // Only the buffers with bytes left (one, for every flush).
+        let bufs = match (out.is_empty(), tail_written == tail.len()) {
+            (false, false) => &bufs[..],
+            (false, true) => &bufs[..1],
+            (true, _) => &bufs[1..],
+        };
+        let n = poll_fn(|cx| io.poll_write_vectored(cx, bufs)).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
