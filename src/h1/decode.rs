@@ -11,7 +11,7 @@ use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Uri, Version};
+use http::{Method, Request, Uri, Version};
 
 /// Header slots on the stack for one parse; `Config::max_headers` is clamped to this.
 ///
@@ -102,6 +102,8 @@ pub struct Head {
     pub upgrade: bool,
     /// Where the head's bytes are copied for the target and field values to share.
     pub store: HeadStore,
+    /// Whether `uri` may hold a parsed target (not yet handed over).
+    holds_target: bool,
 }
 
 impl Head {
@@ -117,15 +119,29 @@ impl Head {
             expect_continue: false,
             upgrade: false,
             store: HeadStore::default(),
+            holds_target: false,
         }
     }
 
     /// Drops what the head holds of a request (its target and field values), keeping the
-    /// storage for the next head's bytes and the fields map's capacity.
+    /// storage for the next head's bytes and the fields map's capacity. Nearly free once
+    /// [`Head::hand_over`] took them (the usual case).
     pub fn clear(&mut self) {
         self.method = Method::GET;
-        self.uri = Uri::default();
-        self.headers.clear();
+        if std::mem::take(&mut self.holds_target) {
+            self.uri = Uri::default();
+        }
+        if !self.headers.is_empty() {
+            self.headers.clear();
+        }
+    }
+
+    /// Moves the target and the fields into `request`, swapped with its own (a new request's
+    /// empty defaults, which the head keeps: nothing is cloned, and nothing dropped).
+    pub fn hand_over<B>(&mut self, request: &mut Request<B>) {
+        std::mem::swap(request.uri_mut(), &mut self.uri);
+        std::mem::swap(request.headers_mut(), &mut self.headers);
+        self.holds_target = false;
     }
 }
 
@@ -249,6 +265,7 @@ pub fn parse_head_into(buf: &[u8], limits: Limits, head: &mut Head) -> Result<Op
     // Field by field: assigning a whole `Head` would drop and rebuild the fields map.
     head.method = method;
     head.uri = uri;
+    head.holds_target = true;
     head.version = version;
     head.body = body;
     head.keep_alive = keep_alive;
@@ -909,6 +926,27 @@ mod tests {
             assert_eq!(len, Some(input.len()));
             assert_eq!(format!("{reused:?}"), format!("{:?}", head(input)), "{input:?} after round {i}");
         }
+    }
+
+    #[test]
+    fn clear_drops_what_was_not_handed_over_and_hand_over_moves_it_to_the_request() {
+        let input = b"LONGCUSTOMMETHODNAME /x?y HTTP/1.1\r\nHost: h\r\nA: 1\r\n\r\n";
+        let mut head = Head::empty();
+        // Parsed, never handed over: cleared.
+        parse_head_into(input, LIMITS, &mut head).unwrap();
+        head.clear();
+        assert_eq!((head.method.clone(), head.uri.clone(), head.headers.len()), (Method::GET, Uri::default(), 0));
+        // A failed parse leaves fields behind: cleared.
+        assert!(parse_head_into(b"GET / HTTP/1.1\r\nB: 1\r\nContent-Length: x\r\n\r\n", LIMITS, &mut head).is_err());
+        head.clear();
+        assert_eq!(head.headers.len(), 0);
+        // Handed over: the request has them; the head keeps the request's empty defaults.
+        parse_head_into(input, LIMITS, &mut head).unwrap();
+        let mut request = Request::new(());
+        head.hand_over(&mut request);
+        head.clear();
+        assert_eq!((request.uri(), request.headers()["a"].as_bytes()), (&"/x?y".parse::<Uri>().unwrap(), &b"1"[..]));
+        assert_eq!((head.method.clone(), head.uri.clone(), head.headers.len()), (Method::GET, Uri::default(), 0));
     }
 
     #[test]

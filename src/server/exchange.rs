@@ -310,13 +310,12 @@ fn build_request<I: Io, H: Handler>(
             Body::incoming(Incoming { source: shared.clone(), request, remaining }, ctx.settings.max_body_bytes)
         }
     };
-    // Swapped, not assigned: the head takes the request's empty defaults, so nothing is
-    // cloned and nothing dropped here (the next head is parsed over them).
+    // The target and fields are swapped, not assigned (the next head is parsed over the
+    // request's empty defaults).
     let mut req = Request::new(body);
     *req.method_mut() = head.method.clone();
-    std::mem::swap(req.uri_mut(), &mut head.uri);
     *req.version_mut() = head.version;
-    std::mem::swap(req.headers_mut(), &mut head.headers);
+    head.hand_over(&mut req);
     if let Some(gone) = gone {
         req.extensions_mut().insert(gone.clone());
     }
