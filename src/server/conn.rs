@@ -273,8 +273,9 @@ impl<I: Io, H: Handler> Conn<I, H> {
     /// buffered are served here in turn.
     ///
     /// The head lives in a box from the thread's pool, not in this future: the future then
-    /// fits the allocator's per-thread cache (glibc's tcache takes up to 1,032 bytes), and one
-    /// box serves every pipelined head.
+    /// fits the allocator's per-thread cache (glibc's tcache takes up to 1,032 bytes), one
+    /// box serves every pipelined head, and the box's store for head bytes (`HeadStore`)
+    /// serves head after head without the allocator.
     async fn busy(&mut self, mut first: bool) -> Result<Next, Error> {
         let mut slot = HeadSlot::default();
         loop {
@@ -636,7 +637,7 @@ impl<I: Io, H: Handler> Conn<I, H> {
 }
 
 /// The head a busy spell serves, boxed: a box from this thread's pool while the spell lasts,
-/// given back (emptied) when it ends.
+/// given back (emptied, its store kept) when it ends.
 #[derive(Default)]
 struct HeadSlot(Option<Box<Head>>);
 
