@@ -86,6 +86,45 @@ in_every_runtime! {
 }
 
 in_every_runtime! {
+    fn a_later_partial_head_gets_408_at_the_header_timeout_not_the_idle_or_write_one() -> io::Result<()> {
+        // The idle and write timeouts are far longer: whichever deadline a later head waited
+        // under shows in when it is cut.
+        let server = app_server(|cfg| {
+            cfg.header_read_timeout = Some(ms(200));
+            cfg.idle_timeout = Some(ms(5000));
+            cfg.write_timeout = Some(ms(5000));
+        });
+        // After a keep-alive exchange, the next head starts and stalls.
+        let mut stream = connect(server.addr);
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")?;
+        let mut first = Vec::new();
+        while !first.ends_with(b"hello") {
+            let mut buf = [0u8; 512];
+            let n = stream.read(&mut buf)?;
+            assert!(n > 0, "closed before the first answer");
+            first.extend_from_slice(&buf[..n]);
+        }
+        stream.write_all(b"GET / HTTP/1.1\r\nHo")?;
+        let start = Instant::now();
+        let text = read_to_close(&mut stream);
+        let elapsed = start.elapsed();
+        assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
+        assert!(elapsed >= at_least(ms(200)) && elapsed < ms(200) + SLACK, "keep-alive: cut after {elapsed:?}");
+        // Pipelined: a whole request and the start of the next in one write.
+        let mut stream = connect(server.addr);
+        let start = Instant::now();
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHo")?;
+        let text = read_to_close(&mut stream);
+        let elapsed = start.elapsed();
+        let (answer, rest) = text.split_once("hello").expect("the whole request was answered");
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{text}");
+        assert!(rest.starts_with("HTTP/1.1 408 "), "{text}");
+        assert!(elapsed >= at_least(ms(200)) && elapsed < ms(200) + SLACK, "pipelined: cut after {elapsed:?}");
+        Ok(())
+    }
+}
+
+in_every_runtime! {
     fn the_header_timeout_of_a_first_request_runs_from_accept() -> io::Result<()> {
         let server = app_server(|cfg| cfg.header_read_timeout = Some(ms(300)));
         let mut stream = connect(server.addr);

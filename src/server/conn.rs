@@ -267,10 +267,10 @@ impl<I: Io, H: Handler> Conn<I, H> {
     }
 
     /// Serves requests until one has to wait for bytes of the next (`KeepAlive`: nothing of
-    /// it is buffered) or the connection is done: each head under the header-read deadline (which runs from its first
-    /// byte; for the `first` request, from accept, as `run` set it), then its exchange under
-    /// the write deadline, or the answer to a head that failed. Pipelined requests already
-    /// buffered are served here in turn.
+    /// it is buffered) or the connection is done: each head under the header-read deadline
+    /// while it waits for bytes (from its first byte; for the `first` request, from accept,
+    /// as `run` set it), then its exchange under the write deadline, or the answer to a head
+    /// that failed. Pipelined requests already buffered are served here in turn.
     ///
     /// The head lives in a box from the thread's pool, not in this future: the future then
     /// fits the allocator's per-thread cache (glibc's tcache takes up to 1,032 bytes), one
@@ -279,12 +279,7 @@ impl<I: Io, H: Handler> Conn<I, H> {
     async fn busy(&mut self, mut first: bool) -> Result<Next, Error> {
         let mut slot = HeadSlot::default();
         loop {
-            if !first {
-                self.deadline.set(self.now.after(self.ctx.settings.header_read_timeout));
-            }
-            first = false;
-            self.tracker.enter(Activity::ReadingHead, self.now);
-            match self.read_head(&mut slot).await {
+            match self.read_head(&mut slot, std::mem::take(&mut first)).await {
                 Ok(true) => {}
                 Ok(false) => return Ok(Next::Close),
                 Err(e) => return self.head_failed(e).await,
@@ -400,9 +395,15 @@ impl<I: Io, H: Handler> Conn<I, H> {
 
     /// Reads until a whole head parses, into `slot`. `Ok(false)`: the client closed (or the
     /// head is incomplete at end of stream) and gets no answer.
-    async fn read_head(&mut self, slot: &mut HeadSlot) -> Result<bool, HeadError> {
+    ///
+    /// The header-read deadline (unless this is the connection's `first` head, whose deadline
+    /// runs from accept) and the connections view's "reading head" start from the last clock
+    /// reading when the head first has to wait for bytes: a head already whole (every
+    /// pipelined one) goes straight to its exchange, whose write deadline replaces them.
+    async fn read_head(&mut self, slot: &mut HeadSlot, first: bool) -> Result<bool, HeadError> {
         let limits = self.ctx.settings.limits;
         let mut scanner = HeadScanner::default();
+        let mut waited = false;
         // Whether the drain has started while this head was being read.
         let mut draining = false;
         loop {
@@ -440,6 +441,12 @@ impl<I: Io, H: Handler> Conn<I, H> {
                 if st.eof {
                     return Ok(false);
                 }
+            }
+            if !std::mem::replace(&mut waited, true) {
+                if !first {
+                    self.deadline.set(self.now.after(self.ctx.settings.header_read_timeout));
+                }
+                self.tracker.enter(Activity::ReadingHead, self.now);
             }
             // Never wait for input while holding responses the client may be waiting for.
             let Conn { shared, out, deadline, drain, .. } = self;
