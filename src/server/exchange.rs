@@ -256,18 +256,23 @@ pub(super) async fn respond<I: Io, H: Handler>(
     }
     drop(body);
 
-    // 7. Drain what the handler left of the request body, so the connection can be reused.
-    //    (Most requests have no body, or the handler read it: no future to poll then.)
-    if !close && !shared.lock().body.is_done() && !matches!(drain_body(shared).await, Ok(true)) {
-        close = true;
-    }
-
-    // 8. Flush, unless the next pipelined request is already here and little is waiting.
-    let (body_done, buffered) = {
+    // 7. Whether the request body is done and the next request already here; if the handler
+    //    left some of the body, drain it so the connection can be reused (most requests
+    //    have no body, or the handler read it: no future to poll then).
+    let look = || {
         let mut st = shared.lock();
         let done = st.body.is_done();
         (done, done && st.has_next_request())
     };
+    let (mut body_done, mut buffered) = look();
+    if !close && !body_done {
+        match drain_body(shared).await {
+            Ok(true) => (body_done, buffered) = look(),
+            _ => close = true,
+        }
+    }
+
+    // 8. Flush, unless the next pipelined request is already here and little is waiting.
     if close || !(body_done && buffered) || out.len() >= FLUSH_AT {
         flush(&shared.io, out).await?;
     }
