@@ -148,25 +148,29 @@ impl Head {
 /// Storage that request heads are copied into, so that a head's target and field values can
 /// be zero-copy slices of it (`Bytes`) that outlive the read buffer.
 ///
-/// Heads are appended to one buffer of at least [`STORE_CHUNK`] bytes, and each is split off
-/// as its own `Bytes`: a head costs a copy and a reference count, not an allocation. When the
-/// buffer is full and every earlier head's slices are gone (the usual case: a request's
-/// fields are dropped with it), `BytesMut::reserve` reuses it from the start; while a request
-/// still holds some, a new buffer is allocated and the old one lives as long as they do.
+/// Heads are appended to one buffer of [`STORE_CHUNK`] bytes, and each is split off as its
+/// own `Bytes`: a head costs a copy and a reference count, not an allocation. When the buffer
+/// is full and every earlier head's slices are gone (the usual case: a request's fields are
+/// dropped with it), `BytesMut::reserve` reuses it from the start; while a request still
+/// holds some, a new buffer is allocated and the old one lives as long as they do. A head
+/// larger than a chunk gets a copy of its own, so a store (kept in a pooled box) never grows
+/// past one chunk.
 #[derive(Default)]
 pub struct HeadStore(BytesMut);
 
-/// Bytes a [`HeadStore`] allocates at a time (more for a larger head): about one browser's
-/// head (0.5 to 1 KiB), or dozens of an API client's, so that a request still running holds
-/// no more than before (the store of a connection whose request is waiting is not reused).
+/// Bytes of a [`HeadStore`]'s buffer: about one browser's head (0.5 to 1 KiB), or dozens of
+/// an API client's. A request still running keeps the buffer its head is in alive.
 pub const STORE_CHUNK: usize = 1024;
 
 impl HeadStore {
     /// A copy of `head` that its slices (the target, the field values) share.
     fn keep(&mut self, head: &[u8]) -> Bytes {
+        if head.len() > STORE_CHUNK {
+            return Bytes::copy_from_slice(head);
+        }
         let store = &mut self.0;
         if store.capacity() < head.len() {
-            store.reserve(head.len().max(STORE_CHUNK));
+            store.reserve(STORE_CHUNK);
         }
         store.extend_from_slice(head);
         store.split().freeze()
