@@ -96,7 +96,7 @@ async fn serve(mut stream: Async<TcpStream>, types: bool) -> std::io::Result<()>
     let mut buf = vec![0u8; 8 * 1024];
     let mut out = Vec::with_capacity(16 * RESPONSE.len());
     // How many bytes of "\r\n\r\n" the previous read ended with.
-    let mut matched = 0;
+    let mut matched = 0u8;
     // `TYPES=http`: bytes of a head not yet whole, and the copies heads are shared from.
     let (mut pending, mut store) = (Vec::new(), BytesMut::new());
     loop {
@@ -105,23 +105,14 @@ async fn serve(mut stream: Async<TcpStream>, types: bool) -> std::io::Result<()>
             return Ok(());
         }
         let mut close = false;
-        if types {
+        let heads = if types {
             pending.extend_from_slice(&buf[..n]);
-            for _ in 0..through_http_types(&mut pending, &mut store)? {
-                out.extend_from_slice(RESPONSE);
-            }
-        }
-        for &byte in buf[..n].iter().filter(|_| !types) {
-            matched = match (matched, byte) {
-                (0 | 2, b'\r') => matched + 1,
-                (1 | 3, b'\n') => matched + 1,
-                (_, b'\r') => 1,
-                _ => 0,
-            };
-            if matched == 4 {
-                matched = 0;
-                out.extend_from_slice(RESPONSE);
-            }
+            through_http_types(&mut pending, &mut store)?
+        } else {
+            count_heads(&buf[..n], &mut matched)
+        };
+        for _ in 0..heads {
+            out.extend_from_slice(RESPONSE);
         }
         if memfind(&buf[..n], b"onnection: close") && out.len() >= RESPONSE.len() {
             // The request asking to close is the last this connection answers.
@@ -140,6 +131,25 @@ async fn serve(mut stream: Async<TcpStream>, types: bool) -> std::io::Result<()>
             return Ok(());
         }
     }
+}
+
+/// How many heads end in `bytes` (`\r\n\r\n`), with `matched` the bytes of that ending the
+/// previous read ended with (updated).
+fn count_heads(bytes: &[u8], matched: &mut u8) -> usize {
+    let mut heads = 0;
+    for &byte in bytes {
+        *matched = match (*matched, byte) {
+            (0 | 2, b'\r') => *matched + 1,
+            (1 | 3, b'\n') => *matched + 1,
+            (_, b'\r') => 1,
+            _ => 0,
+        };
+        if *matched == 4 {
+            *matched = 0;
+            heads += 1;
+        }
+    }
+    heads
 }
 
 /// Whether `needle` occurs in `hay`.
