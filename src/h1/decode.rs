@@ -933,6 +933,30 @@ mod tests {
     }
 
     #[test]
+    fn a_store_never_holds_more_than_one_chunk_even_after_a_large_head() {
+        // A store lives on in a pooled box: a large head once must not leave it holding (and
+        // reusing) a large buffer. Some heads are kept alive and some dropped, so the store
+        // both moves on to new buffers and reuses its own.
+        let limits = Limits { max_head_bytes: 16 * 1024, max_headers: 8 };
+        let mut head = Head::empty();
+        let mut kept = Vec::new();
+        let heads = [(8000, false), (100, true), (900, false), (8000, true), (1000, false), (100, false), (1000, true)];
+        for (i, (len, keep)) in heads.into_iter().enumerate() {
+            let fixed = "GET /p HTTP/1.1\r\nHost: h\r\nX-Pad: \r\n\r\n".len();
+            let input = format!("GET /p HTTP/1.1\r\nHost: h\r\nX-Pad: {}\r\n\r\n", "p".repeat(len - fixed));
+            assert_eq!(parse_head_into(input.as_bytes(), limits, &mut head), Ok(Some(len)), "head {i}");
+            let left = head.store.0.capacity();
+            assert!(left <= STORE_CHUNK, "head {i}: {left} bytes left in the store");
+            // As a server does: the request takes the target and fields, and lives on or not.
+            let mut request = Request::new(());
+            head.hand_over(&mut request);
+            if keep {
+                kept.push(request);
+            }
+        }
+    }
+
+    #[test]
     fn clear_drops_what_was_not_handed_over_and_hand_over_moves_it_to_the_request() {
         let input = b"LONGCUSTOMMETHODNAME /x?y HTTP/1.1\r\nHost: h\r\nA: 1\r\n\r\n";
         let mut head = Head::empty();
