@@ -249,8 +249,14 @@ impl<I: Io, H: Handler> Conn<I, H> {
             }
             // 2 and 3: the requests that follow without a wait, in one box (one allocation per
             // busy spell, not per request): an idle connection's task then holds none of their
-            // state (the head, the exchange, a head's error).
-            let busy: Pin<Box<dyn Future<Output = Result<Next, Error>> + Send + '_>> = Box::pin(self.busy(first));
+            // state (the head, the exchange, a head's error). Boxed as a block that calls
+            // `busy` when first polled: the 1,000-byte future is then built in the box, where
+            // `Box::pin(self.busy(first))` built it on the stack and copied all of it in (100
+            // instructions a keep-alive request).
+            let busy: Pin<Box<dyn Future<Output = Result<Next, Error>> + Send + '_>> = Box::pin({
+                let this = &mut *self;
+                async move { this.busy(first).await }
+            });
             first = false;
             // Likewise the last phase: `Next` (which owns an upgrade's protocol) then never
             // lives in the task beside it (it cost idle tasks 88 bytes).
