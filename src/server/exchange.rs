@@ -79,12 +79,13 @@ pub(super) async fn respond<I: Io, H: Handler>(
     // The target, for the connections view if the handler has to wait (the request takes
     // the head's URI).
     let target = head.uri.path_and_query().cloned();
-    // Built in the call, so the request never lives in this future beside the handler's.
-    let (req, request) = build_request(shared, ctx, head, gone.as_ref());
+    let request = start_request(shared, head);
 
     // The handler's future ends with this block: it never lives beside the response's writes.
     let (mut parts, mut body) = {
-        let mut handler = pin!(ctx.handler.call(req));
+        // The request is built in the call's argument: it is never copied on its way in, and
+        // never lives in this future beside the handler's.
+        let mut handler = pin!(ctx.handler.call(build_request(shared, ctx, head, request, gone.as_ref())));
         match poll_once(handler.as_mut()).await {
             Some(response) => response,
             None => {
@@ -285,26 +286,29 @@ pub(super) async fn respond<I: Io, H: Handler>(
     })
 }
 
-/// The request handed to the handler, and its number on the connection: the head's fields
-/// (the method cloned, the rest moved out: the head is left holding empty defaults), and a
-/// body reading from the connection.
+/// Starts `head`'s request on the read side (its body's framing, whether it waits for
+/// `100 Continue`); returns its number on the connection.
+fn start_request<I: Io>(shared: &Shared<I>, head: &Head) -> u64 {
+    let mut st = shared.lock();
+    st.request += 1;
+    st.body = BodyDecoder::new(head.body);
+    st.expect = if head.expect_continue { Continue::Waiting } else { Continue::None };
+    st.head_started = false;
+    st.request
+}
+
+/// The request handed to the handler: the head's fields (the method cloned, the rest moved
+/// out: the head is left holding empty defaults), and a body reading from the connection
+/// for request number `request`.
 #[inline(always)]
 fn build_request<I: Io, H: Handler>(
     shared: &Arc<Shared<I>>,
     ctx: &Context<H>,
     head: &mut Head,
+    request: u64,
     gone: Option<&PeerGone>,
-) -> (Request<Body>, u64) {
-    let length = head.body;
-    let request = {
-        let mut st = shared.lock();
-        st.request += 1;
-        st.body = BodyDecoder::new(length);
-        st.expect = if head.expect_continue { Continue::Waiting } else { Continue::None };
-        st.head_started = false;
-        st.request
-    };
-    let remaining = match length {
+) -> Request<Body> {
+    let remaining = match head.body {
         BodyLength::Length(0) => None,
         BodyLength::Length(n) => Some(Some(n)),
         BodyLength::Chunked => Some(None),
@@ -327,7 +331,7 @@ fn build_request<I: Io, H: Handler>(
     if head.upgrade {
         req.extensions_mut().insert(Offer);
     }
-    (req, request)
+    req
 }
 
 /// Writes the head of an accepted upgrade (all of it, with any pipelined responses before it)
