@@ -9,7 +9,7 @@ use std::task::Poll;
 use futures_lite::future::{poll_fn, poll_once};
 use futures_lite::FutureExt;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, Request, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 
 use super::clock::{Activity, Tick, Tracker};
 use super::conn::{date, Context, Next, PeerGone, DRAIN_LIMIT};
@@ -86,9 +86,11 @@ pub(super) async fn respond<I: Io, H: Handler>(
         // The request is built in the call's argument: it is never copied on its way in, and
         // never lives in this future beside the handler's.
         let mut handler = pin!(ctx.handler.call(build_request(shared, ctx, head, request, gone.as_ref())));
-        match poll_once(handler.as_mut()).await {
-            Some(response) => response,
-            None => {
+        // Polled once here; a response that is ready is split where it is taken (through
+        // `poll_once` it was moved twice more).
+        match poll_fn(|cx| Poll::Ready(handler.as_mut().poll(cx).map(Response::into_parts))).await {
+            Poll::Ready(parts) => parts,
+            Poll::Pending => {
                 let target = target.as_ref().map_or("", |p| p.as_str());
                 records.tracker.show(Some(format!("{} {target}", head.method)));
                 progress.shown = true;
@@ -97,10 +99,10 @@ pub(super) async fn respond<I: Io, H: Handler>(
                     Some(gone) => handler.or(watch_peer(shared, gone)).await,
                     None => handler.await,
                 }
+                .into_parts()
             }
         }
-    }
-    .into_parts();
+    };
 
     // 2. Protocol switches (RFC 9110 §7.8, §9.3.6): only offered ones, only through
     //    `upgrade::OnUpgrade::accept`.
