@@ -90,7 +90,7 @@ impl Tick {
     }
 
     /// The tick `nanos` after the epoch (what [`Tick::nanos`] gave).
-    pub(crate) fn from_nanos(nanos: u64) -> Tick {
+    pub(crate) const fn from_nanos(nanos: u64) -> Tick {
         Tick(nanos)
     }
 

@@ -706,18 +706,19 @@ enum HeadError {
 /// on the monotonic clock the connection already read, so a cached date costs no clock read.
 pub(super) fn date(now: Tick) -> [u8; DATE_LEN] {
     thread_local! {
-        /// The formatted date, and the instant its second ends.
-        static CACHE: std::cell::Cell<Option<(Tick, [u8; DATE_LEN])>> = const { std::cell::Cell::new(None) };
+        /// The instant the cached second ends (tick 0 until the first date), and its date.
+        static CACHE: (std::cell::Cell<Tick>, std::cell::Cell<[u8; DATE_LEN]>) =
+            const { (std::cell::Cell::new(Tick::from_nanos(0)), std::cell::Cell::new([0; DATE_LEN])) };
     }
-    CACHE.with(|cache| match cache.get() {
-        Some((until, text)) if now < until => text,
-        _ => {
-            let wall = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-            let text = encode::encode_date(wall.as_secs());
-            let until = now + Duration::from_nanos(1_000_000_000 - u64::from(wall.subsec_nanos()));
-            cache.set(Some((until, text)));
-            text
+    CACHE.with(|(until, text)| {
+        if now < until.get() {
+            return text.get();
         }
+        let wall = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let date = encode::encode_date(wall.as_secs());
+        until.set(now + Duration::from_nanos(1_000_000_000 - u64::from(wall.subsec_nanos())));
+        text.set(date);
+        date
     })
 }
 

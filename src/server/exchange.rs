@@ -414,6 +414,9 @@ struct Fields {
 /// three hashed lookups cost more, even in an empty map.
 fn framing_fields(headers: &HeaderMap) -> Fields {
     let mut fields = Fields { declared: None, asks_close: false, has_date: false };
+    if headers.is_empty() {
+        return fields;
+    }
     let mut length_seen = false;
     for (name, value) in headers {
         if name == header::CONTENT_LENGTH && !length_seen {
