@@ -101,7 +101,7 @@ pub struct Head {
     /// decides; the connection stays HTTP/1.1 unless it takes the offer.
     pub upgrade: bool,
     /// Where the head's bytes are copied for the target and field values to share.
-    pub store: HeadStore,
+    store: HeadStore,
     /// Whether `uri` may hold a parsed target (not yet handed over).
     holds_target: bool,
 }
@@ -156,11 +156,11 @@ impl Head {
 /// larger than a chunk gets a copy of its own, so a store (kept in a pooled box) never grows
 /// past one chunk.
 #[derive(Default)]
-pub struct HeadStore(BytesMut);
+struct HeadStore(BytesMut);
 
 /// Bytes of a [`HeadStore`]'s buffer: about one browser's head (0.5 to 1 KiB), or dozens of
 /// an API client's. A request still running keeps the buffer its head is in alive.
-pub const STORE_CHUNK: usize = 1024;
+const STORE_CHUNK: usize = 1024;
 
 impl HeadStore {
     /// A copy of `head` that its slices (the target, the field values) share.

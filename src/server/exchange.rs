@@ -410,8 +410,8 @@ struct Fields {
     has_date: bool,
 }
 
-/// Reads what the handler's fields say about framing and the head, in one pass over them:
-/// three hashed lookups cost more, even in an empty map.
+/// Reads what the handler's fields say about framing and the head, in one pass over them
+/// (three hashed lookups cost more), and none when there are no fields.
 fn framing_fields(headers: &HeaderMap) -> Fields {
     let mut fields = Fields { declared: None, asks_close: false, has_date: false };
     if headers.is_empty() {
