@@ -27,7 +27,7 @@ use futures_lite::FutureExt;
 use http::StatusCode;
 
 use super::clock::{Activity, Clock, Deadline, Tick, Tracker};
-use super::exchange::{respond, Progress, Records};
+use super::exchange::{respond, Progress, Records, Started};
 pub(crate) use super::stream::Io;
 use super::stream::{flush, release_out, Continue, ReadBuf, ReadState, Shared};
 use crate::access;
@@ -285,12 +285,12 @@ impl<I: Io, H: Handler> Conn<I, H> {
     async fn busy(&mut self, mut first: bool) -> Result<Next, Error> {
         let mut slot = HeadSlot::default();
         loop {
-            match self.read_head(&mut slot, std::mem::take(&mut first)).await {
-                Ok(true) => {}
-                Ok(false) => return Ok(Next::Close),
+            let request = match self.read_head(&mut slot, std::mem::take(&mut first)).await {
+                Ok(Some(request)) => request,
+                Ok(None) => return Ok(Next::Close),
                 Err(e) => return self.head_failed(e).await,
-            }
-            match self.exchange(slot.head()).await? {
+            };
+            match self.exchange(slot.head(), request).await? {
                 Next::Serve => {}
                 next => return Ok(next),
             }
@@ -399,14 +399,15 @@ impl<I: Io, H: Handler> Conn<I, H> {
         }
     }
 
-    /// Reads until a whole head parses, into `slot`. `Ok(false)`: the client closed (or the
-    /// head is incomplete at end of stream) and gets no answer.
+    /// Reads until a whole head parses, into `slot`, and starts its request on the read side
+    /// (in the same lock): returns its number. `Ok(None)`: the client closed (or the head is
+    /// incomplete at end of stream) and gets no answer.
     ///
     /// The header-read deadline (unless this is the connection's `first` head, whose deadline
     /// runs from accept) and the connections view's "reading head" start from the last clock
     /// reading when the head first has to wait for bytes: a head already whole (every
     /// pipelined one) goes straight to its exchange, whose write deadline replaces them.
-    async fn read_head(&mut self, slot: &mut HeadSlot, first: bool) -> Result<bool, HeadError> {
+    async fn read_head(&mut self, slot: &mut HeadSlot, first: bool) -> Result<Option<u64>, HeadError> {
         let limits = self.ctx.settings.limits;
         let mut scanner = HeadScanner::default();
         let mut waited = false;
@@ -438,14 +439,14 @@ impl<I: Io, H: Handler> Conn<I, H> {
                     match parsed {
                         Ok(Some(len)) => {
                             st.buf.consume(len);
-                            return Ok(true);
+                            return Ok(Some(st.start_request(head)));
                         }
                         Ok(None) => {}
                         Err(e) => return Err(HeadError::Invalid(e)),
                     }
                 }
                 if st.eof {
-                    return Ok(false);
+                    return Ok(None);
                 }
             }
             if !std::mem::replace(&mut waited, true) {
@@ -499,10 +500,11 @@ impl<I: Io, H: Handler> Conn<I, H> {
         }
     }
 
-    /// Runs one exchange (body, handler, response) for `head` under the write deadline,
-    /// catching panics. (The head is borrowed, not moved in: the futures that serve it then
-    /// capture a reference; moving them was 12% of a pipelined request.)
-    async fn exchange(&mut self, head: &mut Head) -> Result<Next, Error> {
+    /// Runs one exchange (body, handler, response) for `head`, request number `request` on
+    /// the read side, under the write deadline, catching panics. (The head is borrowed, not
+    /// moved in: the futures that serve it then capture a reference; moving them was 12% of a
+    /// pipelined request.)
+    async fn exchange(&mut self, head: &mut Head, request: u64) -> Result<Next, Error> {
         let started = self.now;
         let ctx = &*self.ctx;
         let metrics = ctx.metrics.shard(self.place);
@@ -521,6 +523,7 @@ impl<I: Io, H: Handler> Conn<I, H> {
         let records = Records { metrics, tracker };
         let outcome = {
             // Pinned where it is made and polled through a reference: no wrapper moves it.
+            let started = Started { request, at: started };
             let mut work = pin!(respond(shared, out, ctx, &records, head, started, &mut progress));
             deadline
                 .race_fn(|cx| match std::panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {

@@ -16,7 +16,7 @@ use super::conn::{date, Context, Next, PeerGone, DRAIN_LIMIT};
 use super::stream::{flush, write_all, Continue, Io, Shared, OUT_POOL};
 use crate::body::{Body, Incoming};
 use crate::error::Error;
-use crate::h1::decode::{self, BodyDecoder, BodyLength, Head};
+use crate::h1::decode::{self, BodyLength, Head};
 use crate::h1::encode::{self, Connection, ResponseHead, CONTINUE, CRLF, LAST_CHUNK};
 use crate::handler::Handler;
 use crate::metrics::{Reject, Shard};
@@ -53,6 +53,15 @@ pub(super) struct Records<'a> {
     pub(super) tracker: &'a Tracker,
 }
 
+/// Which request an exchange serves, and when it started.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Started {
+    /// Its number on the connection's read side (`ReadState::start_request`).
+    pub(super) request: u64,
+    /// When its head was read: its `Date`, deadline and duration count from here.
+    pub(super) at: Tick,
+}
+
 /// One exchange: hand the request to the handler, decide the framing, write the response, and
 /// drain what the handler left of the request body. Every await here is under the write
 /// deadline, and the whole future is dropped if it passes.
@@ -62,9 +71,10 @@ pub(super) async fn respond<I: Io, H: Handler>(
     ctx: &Context<H>,
     records: &Records<'_>,
     head: &mut Head,
-    now: Tick,
+    started: Started,
     progress: &mut Progress,
 ) -> Result<Next, Error> {
+    let Started { request, at: now } = started;
     let Head { version, keep_alive, expect_continue, upgrade, .. } = *head;
     let is_head = head.method == Method::HEAD;
     let is_connect = head.method == Method::CONNECT;
@@ -79,7 +89,6 @@ pub(super) async fn respond<I: Io, H: Handler>(
     // The target, for the connections view if the handler has to wait (the request takes
     // the head's URI).
     let target = head.uri.path_and_query().cloned();
-    let request = start_request(shared, head);
 
     // The handler's future ends with this block: it never lives beside the response's writes.
     let (mut parts, mut body) = {
@@ -178,7 +187,8 @@ pub(super) async fn respond<I: Io, H: Handler>(
             None => {}
         }
     }
-    {
+    // Whether the request body is done and the next request already here, as step 5 saw it.
+    let seen = {
         let mut st = shared.lock();
         // 5. A request body with broken framing leaves the connection unusable: answer 400
         //    whatever the handler said (it saw the error reading the body).
@@ -206,7 +216,9 @@ pub(super) async fn respond<I: Io, H: Handler>(
             }
         }
         st.head_started = true;
-    }
+        let done = st.body.is_done();
+        (done, done && st.has_next_request())
+    };
     let connection = if close {
         Connection::Close
     } else if version == Version::HTTP_10 {
@@ -233,18 +245,22 @@ pub(super) async fn respond<I: Io, H: Handler>(
     progress.status = Some(status.as_u16());
     records.tracker.enter(Activity::Writing, now);
 
-    // 6. The body.
+    // 6. The body. Unless it waits (a large or streamed body), the read side stays as step 5
+    //    saw it; a wait may let the request body move on.
+    let mut unchanged = true;
     match full {
         Some(bytes) if bytes.len() <= INLINE_BODY => {
             out.extend_from_slice(&bytes);
             progress.sent = bytes.len() as u64;
         }
         Some(bytes) => {
+            unchanged = false;
             // Boxed: its state would otherwise make every exchange's future larger.
             Box::pin(write_all(&shared.io, out, &bytes)).await?;
             progress.sent = bytes.len() as u64;
         }
         None if send_body => {
+            unchanged = false;
             let framing = match content_length {
                 Some(n) => Framing::Length(n),
                 None if chunked => Framing::Chunked,
@@ -267,7 +283,7 @@ pub(super) async fn respond<I: Io, H: Handler>(
         let done = st.body.is_done();
         (done, done && st.has_next_request())
     };
-    let (mut body_done, mut buffered) = look();
+    let (mut body_done, mut buffered) = if unchanged { seen } else { look() };
     if !close && !body_done {
         match drain_body(shared).await {
             Ok(true) => (body_done, buffered) = look(),
@@ -286,17 +302,6 @@ pub(super) async fn respond<I: Io, H: Handler>(
         true if body_done && !buffered => Next::Close,
         true => Next::Linger,
     })
-}
-
-/// Starts `head`'s request on the read side (its body's framing, whether it waits for
-/// `100 Continue`); returns its number on the connection.
-fn start_request<I: Io>(shared: &Shared<I>, head: &Head) -> u64 {
-    let mut st = shared.lock();
-    st.request += 1;
-    st.body = BodyDecoder::new(head.body);
-    st.expect = if head.expect_continue { Continue::Waiting } else { Continue::None };
-    st.head_started = false;
-    st.request
 }
 
 /// The request handed to the handler: the head's fields (the method cloned, the rest moved

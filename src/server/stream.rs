@@ -13,7 +13,7 @@ use futures_lite::future::poll_fn;
 
 use crate::body::Source;
 use crate::error::Error;
-use crate::h1::decode::{self, BodyDecoder};
+use crate::h1::decode::{self, BodyDecoder, Head};
 use crate::h1::encode::CONTINUE;
 use crate::runtime::Stream;
 use crate::upgrade::Tunnel;
@@ -151,6 +151,16 @@ pub(super) struct ReadState {
 }
 
 impl ReadState {
+    /// Starts `head`'s request, whose head was just consumed: its body's framing, whether it
+    /// waits for `100 Continue`. Returns its number on the connection.
+    pub(super) fn start_request(&mut self, head: &Head) -> u64 {
+        self.request += 1;
+        self.body = BodyDecoder::new(head.body);
+        self.expect = if head.expect_continue { Continue::Waiting } else { Continue::None };
+        self.head_started = false;
+        self.request
+    }
+
     /// Whether bytes of another request are buffered, past any empty lines before it (RFC
     /// 9112 §2.2), which this consumes. Only between requests: never inside a body.
     pub(super) fn has_next_request(&mut self) -> bool {
