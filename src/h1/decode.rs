@@ -244,7 +244,10 @@ pub fn parse_head_into(buf: &[u8], limits: Limits, head: &mut Head) -> Result<Op
     let uri = parse_target(&method, target.as_bytes(), slice(target.as_bytes()))?;
 
     let headers = &mut head.headers;
-    headers.clear();
+    // (Empty already, unless an earlier parse into this head failed part way.)
+    if !headers.is_empty() {
+        headers.clear();
+    }
     headers.reserve(req.headers.len());
     let mut framing = Framing::default();
     for field in req.headers.iter() {
