@@ -80,8 +80,9 @@ pub(crate) struct Metrics {
 pub(crate) struct Shard {
     /// Connections accepted.
     connections_accepted: AtomicU64,
-    /// Requests whose handler has started and whose exchange has not ended.
-    in_flight: AtomicU64,
+    /// Requests whose handler has started. Those in flight are these less those finished
+    /// (counted in `duration_buckets`): one atomic add a request, not two.
+    started: AtomicU64,
     /// Responses by status class, 1xx to 5xx.
     responses: [AtomicU64; 5],
     /// Request durations, per bucket (not cumulative); the last is +Inf.
@@ -128,7 +129,12 @@ impl Metrics {
             uptime: self.started.elapsed(),
             connections_accepted: sum(|s| &s.connections_accepted),
             connections_open: open_connections as u64,
-            in_flight: sum(|s| &s.in_flight),
+            // Started less finished, the finished read first: a request finishing while this
+            // is read can be off by one either way, never below zero.
+            in_flight: {
+                let finished: u64 = self.shards.iter().flat_map(|s| &s.duration_buckets).map(load).sum();
+                sum(|s| &s.started).saturating_sub(finished)
+            },
             responses: std::array::from_fn(|i| sums(|s, i| &s.responses[i], i)),
             duration_buckets: std::array::from_fn(|i| sums(|s, i| &s.duration_buckets[i], i)),
             duration_micros: sum(|s| &s.duration_micros),
@@ -147,7 +153,7 @@ impl Default for Shard {
     fn default() -> Self {
         Shard {
             connections_accepted: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
+            started: AtomicU64::new(0),
             responses: Default::default(),
             duration_buckets: Default::default(),
             duration_micros: AtomicU64::new(0),
@@ -168,12 +174,11 @@ impl Shard {
 
     /// A request reached the handler.
     pub(crate) fn request_started(&self) {
-        self.in_flight.fetch_add(1, Relaxed);
+        self.started.fetch_add(1, Relaxed);
     }
 
     /// A request's exchange ended after `elapsed`, with `status` sent (if any was).
     pub(crate) fn request_finished(&self, status: Option<u16>, elapsed: Duration) {
-        self.in_flight.fetch_sub(1, Relaxed);
         if let Some(status) = status {
             self.response(status);
         }
@@ -402,6 +407,10 @@ mod tests {
         m.upgraded();
         m.upgraded();
         metrics.shard(1).upgraded_closed();
+        // In flight: started on one shard, not finished yet.
+        metrics.shard(1).request_started();
+        assert_eq!(metrics.snapshot(1, false).in_flight, 1);
+        metrics.shard(1).request_finished(None, Duration::from_micros(5));
         let s = metrics.snapshot(1, true);
         let text = s.prometheus();
         for line in [
@@ -411,12 +420,12 @@ mod tests {
             "servicegroup_responses_total{class=\"2xx\"} 2",
             "servicegroup_responses_total{class=\"4xx\"} 1",
             "servicegroup_responses_total{class=\"5xx\"} 1",
-            "servicegroup_request_duration_seconds_bucket{le=\"0.001\"} 2",
-            "servicegroup_request_duration_seconds_bucket{le=\"10\"} 2",
-            "servicegroup_request_duration_seconds_bucket{le=\"+Inf\"} 3",
-            "servicegroup_request_duration_seconds_count 3",
+            "servicegroup_request_duration_seconds_bucket{le=\"0.001\"} 3",
+            "servicegroup_request_duration_seconds_bucket{le=\"10\"} 3",
+            "servicegroup_request_duration_seconds_bucket{le=\"+Inf\"} 4",
+            "servicegroup_request_duration_seconds_count 4",
             "servicegroup_thread_requests_total{thread=\"0\"} 2",
-            "servicegroup_thread_requests_total{thread=\"1\"} 1",
+            "servicegroup_thread_requests_total{thread=\"1\"} 2",
             "servicegroup_timeouts_total{phase=\"write\"} 1",
             "servicegroup_rejected_requests_total{reason=\"head_too_large\"} 1",
             "servicegroup_shutting_down 1",
@@ -430,7 +439,7 @@ mod tests {
         for part in [
             "\"timeouts\":{\"header_read\":0,\"write\":1,\"idle\":0,\"upgraded\":0}",
             "\"2xx\":2",
-            "\"count\":3",
+            "\"count\":4",
             "\"upgraded_connections\":2,\"upgraded_connections_open\":1",
         ] {
             assert!(json.contains(part), "missing {part} in {json}");
