@@ -6,6 +6,12 @@
 //! `open_loop PORT RATE CONNECTIONS SECONDS` prints one line:
 //! `sent=N done=N p50_us=.. p99_us=.. p999_us=.. max_us=..`. One thread, non-blocking
 //! sockets, `ppoll` to sleep until the next send or a response.
+//!
+//! Diagnostics: `CLOSED=1` makes it a closed loop instead (each connection sends its next
+//! request as soon as its last response arrives; RATE is ignored; latency from each send),
+//! and `SPLIT=K` also prints, to stderr, the percentiles of each group of connections
+//! `i % K` (a server that places connections on its K threads in turn puts group k on
+//! thread k): whether a tail belongs to one thread's connections or to all.
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
@@ -27,6 +33,8 @@ struct Conn {
     matched: usize,
     /// Requests due but not yet written (the socket was full).
     out: Vec<u8>,
+    /// Its latencies, in µs, with `SPLIT` set.
+    latencies: Vec<u32>,
 }
 
 fn main() {
@@ -41,15 +49,26 @@ fn main() {
             let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
             stream.set_nodelay(true).unwrap();
             stream.set_nonblocking(true).unwrap();
-            Conn { stream, pending: VecDeque::new(), matched: 0, out: Vec::new() }
+            Conn { stream, pending: VecDeque::new(), matched: 0, out: Vec::new(), latencies: Vec::new() }
         })
         .collect();
     let interval = Duration::from_secs_f64(1.0 / rate);
     let start = Instant::now() + Duration::from_millis(100);
     let end = start + Duration::from_secs_f64(seconds);
-    let mut next = start;
+    let closed = std::env::var("CLOSED").is_ok_and(|v| v == "1");
+    let split: usize = std::env::var("SPLIT").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    // A closed loop sends each connection's first request at the start, the others on answers.
+    let mut next = if closed { end } else { start };
     let mut turn = 0;
     let mut sent = 0u64;
+    if closed {
+        std::thread::sleep(start.saturating_duration_since(Instant::now()));
+        for c in &mut conns {
+            c.pending.push_back(Instant::now());
+            c.out.extend_from_slice(REQUEST);
+            sent += 1;
+        }
+    }
     let mut latencies: Vec<u32> = Vec::with_capacity((rate * seconds) as usize + 16);
     let mut buf = vec![0u8; 64 * 1024];
     let mut fds: Vec<libc::pollfd> =
@@ -111,7 +130,16 @@ fn main() {
                                 let scheduled = c.pending.pop_front().expect("a response to a request sent");
                                 let us = now.saturating_duration_since(scheduled).as_micros();
                                 if now >= start {
-                                    latencies.push(us.min(u128::from(u32::MAX)) as u32);
+                                    let us = us.min(u128::from(u32::MAX)) as u32;
+                                    latencies.push(us);
+                                    if split > 0 {
+                                        c.latencies.push(us);
+                                    }
+                                }
+                                if closed && now < end {
+                                    c.pending.push_back(now);
+                                    c.out.extend_from_slice(REQUEST);
+                                    sent += 1;
                                 }
                             }
                         }
@@ -122,13 +150,19 @@ fn main() {
             }
         }
     }
+    for group in 0..split {
+        let mut of: Vec<u32> = conns
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % split == group)
+            .flat_map(|(_, c)| c.latencies.clone())
+            .collect();
+        of.sort_unstable();
+        let (p50, p90, p99, p999) = (q(&of, 0.5), q(&of, 0.9), q(&of, 0.99), q(&of, 0.999));
+        eprintln!("group {group}: done={} p50_us={p50} p90_us={p90} p99_us={p99} p999_us={p999}", of.len());
+    }
     latencies.sort_unstable();
-    let q = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
+    let q = |p: f64| q(&latencies, p);
     println!(
         "sent={sent} done={} p50_us={} p99_us={} p999_us={} max_us={}",
         latencies.len(),
@@ -137,4 +171,9 @@ fn main() {
         q(0.999),
         latencies.last().copied().unwrap_or(0)
     );
+}
+
+/// The `p` quantile of sorted latencies (0 if none).
+fn q(sorted: &[u32], p: f64) -> u32 {
+    sorted.get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1))).copied().unwrap_or(0)
 }
