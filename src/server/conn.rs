@@ -523,8 +523,8 @@ impl<I: Io, H: Handler> Conn<I, H> {
         let records = Records { metrics, tracker };
         let outcome = {
             // Pinned where it is made and polled through a reference: no wrapper moves it.
-            let started = Started { request, at: started };
-            let mut work = pin!(respond(shared, out, ctx, &records, head, started, &mut progress));
+            let which = Started { request, at: started };
+            let mut work = pin!(respond(shared, out, ctx, &records, head, which, &mut progress));
             deadline
                 .race_fn(|cx| match std::panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
                     Ok(Poll::Ready(result)) => Poll::Ready(Ok(result)),

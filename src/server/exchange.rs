@@ -196,11 +196,12 @@ pub(super) async fn respond<I: Io, H: Handler>(
             drop(st);
             return Ok(refuse(records.metrics, out, progress, Error::BadRequest(why), now));
         }
-        if ctx.close_responses.is_set() && !(st.body.is_done() && st.has_next_request()) {
+        let seen = st.look_ahead();
+        if ctx.close_responses.is_set() && !seen.1 {
             // Shutting down: this is the last response, unless more requests are already here.
             close = true;
         }
-        if !st.body.is_done() {
+        if !seen.0 {
             match st.expect {
                 // Finish a 100 Continue the body started writing.
                 Continue::Sending(n) => {
@@ -216,8 +217,7 @@ pub(super) async fn respond<I: Io, H: Handler>(
             }
         }
         st.head_started = true;
-        let done = st.body.is_done();
-        (done, done && st.has_next_request())
+        seen
     };
     let connection = if close {
         Connection::Close
@@ -278,11 +278,7 @@ pub(super) async fn respond<I: Io, H: Handler>(
     // 7. Whether the request body is done and the next request already here; if the handler
     //    left some of the body, drain it so the connection can be reused (most requests
     //    have no body, or the handler read it: no future to poll then).
-    let look = || {
-        let mut st = shared.lock();
-        let done = st.body.is_done();
-        (done, done && st.has_next_request())
-    };
+    let look = || shared.lock().look_ahead();
     let (mut body_done, mut buffered) = if unchanged { seen } else { look() };
     if !close && !body_done {
         match drain_body(shared).await {

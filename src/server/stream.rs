@@ -161,6 +161,13 @@ impl ReadState {
         self.request
     }
 
+    /// Whether the current request's body has been read to its end and, if it has, whether
+    /// bytes of the next request are already buffered.
+    pub(super) fn look_ahead(&mut self) -> (bool, bool) {
+        let done = self.body.is_done();
+        (done, done && self.has_next_request())
+    }
+
     /// Whether bytes of another request are buffered, past any empty lines before it (RFC
     /// 9112 §2.2), which this consumes. Only between requests: never inside a body.
     pub(super) fn has_next_request(&mut self) -> bool {
