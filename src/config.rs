@@ -220,7 +220,10 @@ pub struct Config {
     /// the group starts no thread at all: connections, the debug server, deadlines and the
     /// drain all run inside the future [`Group::run`](crate::Group::run) returns, on whatever
     /// polls it (see the crate docs' table of runtimes). Ignored by
-    /// [`Group::run_on`](crate::Group::run_on), which uses the caller's executor.
+    /// [`Group::run_on`](crate::Group::run_on), which uses the caller's executor. Each
+    /// thread serves the connections placed on it; on a machine whose cores are kept busy by
+    /// other processes too, fewer threads than cores can give a shorter latency tail (the
+    /// README's Performance section measures it).
     pub threads: usize,
     /// Whether to log one line per exchange (`SERVICEGROUP_ACCESS_LOG=1`): logfmt, through the
     /// `log` facade on target `servicegroup::access` at info level. Default off; when off
