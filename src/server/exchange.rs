@@ -245,22 +245,18 @@ pub(super) async fn respond<I: Io, H: Handler>(
     progress.status = Some(status.as_u16());
     records.tracker.enter(Activity::Writing, now);
 
-    // 6. The body. Unless it waits (a large or streamed body), the read side stays as step 5
-    //    saw it; a wait may let the request body move on.
-    let mut unchanged = true;
+    // 6. The body.
     match full {
         Some(bytes) if bytes.len() <= INLINE_BODY => {
             out.extend_from_slice(&bytes);
             progress.sent = bytes.len() as u64;
         }
         Some(bytes) => {
-            unchanged = false;
             // Boxed: its state would otherwise make every exchange's future larger.
             Box::pin(write_all(&shared.io, out, &bytes)).await?;
             progress.sent = bytes.len() as u64;
         }
         None if send_body => {
-            unchanged = false;
             let framing = match content_length {
                 Some(n) => Framing::Length(n),
                 None if chunked => Framing::Chunked,
@@ -277,9 +273,12 @@ pub(super) async fn respond<I: Io, H: Handler>(
 
     // 7. Whether the request body is done and the next request already here; if the handler
     //    left some of the body, drain it so the connection can be reused (most requests
-    //    have no body, or the handler read it: no future to poll then).
+    //    have no body, or the handler read it: no future to poll then). A body that was done
+    //    at step 5 leaves the read side as step 5 saw it (only a body reads the socket while
+    //    a response is written); one that was not may have been read since (a response
+    //    streaming it back), so it is looked at again.
     let look = || shared.lock().look_ahead();
-    let (mut body_done, mut buffered) = if unchanged { seen } else { look() };
+    let (mut body_done, mut buffered) = if seen.0 { seen } else { look() };
     if !close && !body_done {
         match drain_body(shared).await {
             Ok(true) => (body_done, buffered) = look(),
