@@ -55,7 +55,7 @@ fn assert_fields(line: &str, expected: &[(&str, Option<&str>)]) {
 in_every_runtime! {
     fn a_normal_exchange_is_logged_field_by_field() -> io::Result<()> {
         let server = logged_server(|_| {});
-        let mut client = Client::new(server.addr);
+        let mut client = Client::over(logs::connect_as_new_peer(server.addr));
         let peer = client.stream.local_addr()?;
         assert_eq!(client.request(&get("/?q=1&r=2")).text(), "hello");
         let line = the_line(peer);
@@ -76,7 +76,7 @@ in_every_runtime! {
 in_every_runtime! {
     fn a_header_read_timeout_is_logged_as_408() -> io::Result<()> {
         let server = logged_server(|c| c.header_read_timeout = Some(Duration::from_millis(200)));
-        let mut stream = connect(server.addr);
+        let mut stream = logs::connect_as_new_peer(server.addr);
         let peer = stream.local_addr()?;
         stream.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n")?;
         assert!(read_to_close(&mut stream).starts_with("HTTP/1.1 408 "));
@@ -95,7 +95,7 @@ in_every_runtime! {
 in_every_runtime! {
     fn a_write_timeout_is_logged_as_503() -> io::Result<()> {
         let server = logged_server(|c| c.write_timeout = Some(Duration::from_millis(200)));
-        let mut stream = connect(server.addr);
+        let mut stream = logs::connect_as_new_peer(server.addr);
         let peer = stream.local_addr()?;
         stream.write_all(&get("/sleep?ms=5000"))?;
         assert!(read_to_close(&mut stream).starts_with("HTTP/1.1 503 "));
@@ -112,7 +112,7 @@ in_every_runtime! {
 in_every_runtime! {
     fn a_panicking_handler_is_logged_as_500() -> io::Result<()> {
         let server = logged_server(|_| {});
-        let mut stream = connect(server.addr);
+        let mut stream = logs::connect_as_new_peer(server.addr);
         let peer = stream.local_addr()?;
         stream.write_all(&get("/panic"))?;
         assert!(read_to_close(&mut stream).starts_with("HTTP/1.1 500 "));
@@ -125,7 +125,7 @@ in_every_runtime! {
 in_every_runtime! {
     fn a_client_gone_mid_response_is_logged_with_what_was_sent() -> io::Result<()> {
         let server = logged_server(|_| {});
-        let mut stream = connect(server.addr);
+        let mut stream = logs::connect_as_new_peer(server.addr);
         let peer = stream.local_addr()?;
         stream.write_all(&get("/big-stream?bytes=200000000"))?;
         let mut first = [0u8; 64 * 1024];
@@ -142,7 +142,7 @@ in_every_runtime! {
 in_every_runtime! {
     fn an_exchange_cut_by_the_shutdown_deadline_is_logged_as_cut() -> io::Result<()> {
         let server = logged_server(|c| c.shutdown_timeout = Duration::from_millis(100));
-        let mut stream = connect(server.addr);
+        let mut stream = logs::connect_as_new_peer(server.addr);
         let peer = stream.local_addr()?;
         stream.write_all(&get("/sleep?ms=60000"))?;
         std::thread::sleep(Duration::from_millis(100));

@@ -51,6 +51,26 @@ pub fn records() -> Vec<Record> {
     capture(log::LevelFilter::Trace).0.lock().unwrap().clone()
 }
 
+/// A connection to `addr` (on loopback) from a peer address no other connection in this
+/// binary has had: its own source IP in 127.0.0.0/8, so the access lines matched by
+/// [`access_lines`] are its own. A peer's port alone is not enough: the capture is shared by
+/// every test in the binary, and the kernel reuses a closed connection's local port for a
+/// connection to another server.
+pub fn connect_as_new_peer(addr: std::net::SocketAddr) -> std::net::TcpStream {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    assert!(n < 250 * 250, "out of loopback source addresses");
+    let source = std::net::Ipv4Addr::new(127, 1 + (n / 250) as u8, 2 + (n % 250) as u8, 1);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.bind(&std::net::SocketAddr::from((source, 0)).into()).expect("bind a loopback source address");
+    socket.connect(&addr.into()).expect("connect");
+    let stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(super::PATIENCE)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
 /// Access-log lines whose peer is `peer`.
 pub fn access_lines(peer: std::net::SocketAddr) -> Vec<String> {
     let field = format!("peer={peer} ");

@@ -246,7 +246,12 @@ pub struct Client {
 impl Client {
     /// Connects.
     pub fn new(addr: SocketAddr) -> Client {
-        Client { stream: connect(addr), buf: Vec::new() }
+        Client::over(connect(addr))
+    }
+
+    /// Speaks over a connection made elsewhere.
+    pub fn over(stream: TcpStream) -> Client {
+        Client { stream, buf: Vec::new() }
     }
 
     /// Sends bytes.
