@@ -319,6 +319,15 @@ def ratio(a, b):
     return f"{a / b:.2f}×" if a > 0 and b > 0 else "n/a"
 
 
+def paired(xs, ys):
+    """The ratio of two servers' figures round by round (their runs were back to back), as
+    median (min-max): the noise a single ratio of medians hides."""
+    rs = sorted(x / y for x, y in zip(xs, ys) if x > 0 and y > 0)
+    if not rs:
+        return "n/a"
+    return f"{statistics.median(rs):.2f}× ({rs[0]:.2f}-{rs[-1]:.2f})"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -355,7 +364,7 @@ def main():
         idle = {}
         args.skip_callgrind = True
     else:
-        plain = [s for s in SERVERS if s == "servicegroup" or s not in mode_servers + ["sg, access log on", TYPES_FLOOR]]
+        plain = [s for s in SERVERS if s == "servicegroup" or s not in mode_servers + ["sg, access log on"]]
         runs = {(s, c): [] for s in plain for c in SCENARIOS}
         runs[("sg, access log on", keep_alive)] = []
         runs.update({(s, keep_alive): [] for s in ONE_THREAD})
@@ -395,7 +404,7 @@ def main():
         print(f"| {mode} | {threads} | " + " | ".join(cells) + " |")
     if args.modes_only:
         return
-    print(f"\nwrk -t1 -d{args.duration}s, median of {args.rounds} interleaved rounds; servers on 2 threads; "
+    print(f"\nwrk -t1 -d{args.duration}s, median of {args.rounds} interleaved rounds (ratios: round by round, median (min-max)); servers on 2 threads; "
           f"{os.cpu_count()} cores\n")
     print("| scenario | server | req/s | p50 | p99 | peak RSS | server CPU/request |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -408,11 +417,15 @@ def main():
             errors = "; ".join(sorted({x["errors"] for x in rs if "errors" in x}))
             print(f"| {scenario} | {server} | {c['rps']:,.0f} | {fmt_us(c['p50'])} | {fmt_us(c['p99'])} | "
                   f"{c['rss_kb'] / 1024:.1f} MiB | {c['cpu_us']:.2f} µs |" + (f" {errors}" if errors else ""))
-        pairs = [("hyper", "servicegroup", "")] + [("hyper, 1 thread", "servicegroup, 1 thread", ", 1 thread")] * (scenario == keep_alive)
-        for hyper, sg, label in pairs:
-            h, s = cells[hyper], cells[sg]
-            print(f"| {scenario} | **ratio sg/hyper{label}** | {ratio(s['rps'], h['rps'])} | {ratio(s['p50'], h['p50'])} | "
-                  f"{ratio(s['p99'], h['p99'])} | {ratio(s['rss_kb'], h['rss_kb'])} | **{ratio(s['cpu_us'], h['cpu_us'])}** |")
+        # Round by round ratios, median (min-max), so each shows its noise.
+        pairs = [("hyper", "servicegroup", "**ratio sg/hyper**")]
+        pairs += [("hyper, 1 thread", "servicegroup, 1 thread", "**ratio sg/hyper, 1 thread**")] * (scenario == keep_alive)
+        pairs += [("hyper", TYPES_FLOOR, "ratio (floor + http types)/hyper")]
+        for hyper, other, label in pairs:
+            h, s = runs[(hyper, scenario)], runs[(other, scenario)]
+            cells = [paired([x[k] for x in s], [x[k] for x in h]) for k in ("rps", "p50", "p99", "rss_kb", "cpu_us")]
+            cells[-1] = f"**{cells[-1]}**" if "sg" in label else cells[-1]
+            print(f"| {scenario} | {label} | " + " | ".join(cells) + " |")
     print("\nagainst the floor (bare async-io, canned bytes), medians: each server's figure / the floor's; "
           "the floor shows what async-io itself allows\n")
     print("| scenario | server | req/s | p50 | p99 | server CPU/request |")
@@ -427,13 +440,14 @@ def main():
     if open_loop:
         print(f"\nopen loop: {rate:,} req/s (half of hyper's closed-loop keep-alive req/s) over 64 connections, "
               f"{args.open_seconds} s, latency from each request's scheduled send; min/median/max of "
-              f"{args.open_rounds} rounds in µs, and the median's ratio to hyper's\n")
+              f"{args.open_rounds} rounds in µs, and the ratio to hyper's round by round, median (min-max)\n")
         print("| server | p50 | p99 | p99.9 | p50 vs hyper | p99 vs hyper | p99.9 vs hyper |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         keys = ("p50_us", "p99_us", "p999_us")
-        h = {k: med([x[k] for x in open_loop["hyper"]]) for k in keys}
+        h = open_loop["hyper"]
         for server, rs in open_loop.items():
-            cells = [spread([x[k] for x in rs], ",.0f") for k in keys] + [ratio(med([x[k] for x in rs]), h[k]) for k in keys]
+            cells = [spread([x[k] for x in rs], ",.0f") for k in keys]
+            cells += [paired([x[k] for x in rs], [x[k] for x in h]) for k in keys]
             lost = sum(x["sent"] - x["done"] for x in rs)
             print(f"| {server} | " + " | ".join(cells) + " |" + (f" {lost:.0f} unanswered" if lost else ""))
     t_on = med([x["cpu_us"] for x in runs[("servicegroup", "keep-alive, 64 connections")]])
