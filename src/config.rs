@@ -221,9 +221,11 @@ pub struct Config {
     /// drain all run inside the future [`Group::run`](crate::Group::run) returns, on whatever
     /// polls it (see the crate docs' table of runtimes). Ignored by
     /// [`Group::run_on`](crate::Group::run_on), which uses the caller's executor. Each
-    /// thread serves the connections placed on it; on a machine whose cores are kept busy by
-    /// other processes too, fewer threads than cores can give a shorter latency tail (the
-    /// README's Performance section measures it).
+    /// thread serves the connections placed on it, and a connection waits while its thread
+    /// waits for a core: on a machine whose cores are kept busy by other processes too, fewer
+    /// threads than cores, or `Group::run_on` an executor whose threads share every
+    /// connection's tasks, can give a shorter latency tail (the README's Performance section
+    /// measures both).
     pub threads: usize,
     /// Whether to log one line per exchange (`SERVICEGROUP_ACCESS_LOG=1`): logfmt, through the
     /// `log` facade on target `servicegroup::access` at info level. Default off; when off
