@@ -158,19 +158,12 @@ in_every_runtime! {
         logs::install(log::LevelFilter::Info);
         let (handler, _) = app();
         let server = Server::start(handler, config());
-        let mut client = Client::new(server.addr);
-        // Matched by a path no other test uses: the capture is shared by every test in this
-        // binary, and another test's connection may have had this client's port before.
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-        let path = format!("/?quiet={nanos}");
-        assert_eq!(client.request(&get(&path)).text(), "hello");
+        let mut client = Client::over(logs::connect_as_new_peer(server.addr));
+        let peer = client.stream.local_addr()?;
+        assert_eq!(client.request(&get("/")).text(), "hello");
         drop(client);
         server.stop().map_err(io::Error::other)?;
-        let ours: Vec<String> = logs::records()
-            .into_iter()
-            .filter(|r| r.target == "servicegroup::access" && r.message.contains(&path))
-            .map(|r| r.message)
-            .collect();
+        let ours = logs::access_lines(peer);
         assert!(ours.is_empty(), "{ours:?}");
         Ok(())
     }

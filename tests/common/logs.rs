@@ -65,10 +65,7 @@ pub fn connect_as_new_peer(addr: std::net::SocketAddr) -> std::net::TcpStream {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
     socket.bind(&std::net::SocketAddr::from((source, 0)).into()).expect("bind a loopback source address");
     socket.connect(&addr.into()).expect("connect");
-    let stream: std::net::TcpStream = socket.into();
-    stream.set_read_timeout(Some(super::PATIENCE)).unwrap();
-    stream.set_nodelay(true).unwrap();
-    stream
+    super::as_client(socket.into())
 }
 
 /// Access-log lines whose peer is `peer`.

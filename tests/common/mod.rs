@@ -167,7 +167,12 @@ impl Drop for Server {
 
 /// Connects with a read timeout as a safety net.
 pub fn connect(addr: SocketAddr) -> TcpStream {
-    let stream = TcpStream::connect(addr).expect("connect");
+    as_client(TcpStream::connect(addr).expect("connect"))
+}
+
+/// A connected stream set up as the tests' clients are: a read timeout as a safety net, and
+/// no Nagle delay.
+pub fn as_client(stream: TcpStream) -> TcpStream {
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
     stream.set_nodelay(true).unwrap();
     stream
