@@ -13,7 +13,8 @@ connections, 16 pipelined requests per write, and a new connection per request; 
 per idle keep-alive connection (10,000 open), cost growth (CPU per request beside 5k and 15k idle
 connections) and idle cost, and instructions per request under callgrind (keep-alive and
 pipelined).
-Medians over rounds; ratios are servicegroup / hyper (below 1 is better for CPU, memory,
+Medians over rounds; ratios are servicegroup / hyper, taken round by round and printed as
+median (min-max) where they are of wall-clock figures (below 1 is better for CPU, memory,
 latency and instructions; above 1 is better for req/s).
 """
 import argparse
@@ -36,7 +37,7 @@ SERVERS = {
     # The same on one executor shared by the threads (the caller's-executor model, and tokio's).
     "floor, one shared executor": ("floor_server", {"MODE": "shared"}),
     # The floor plus the http types any handler-facing server builds per request (httparse,
-    # `http::Request` with its `HeaderMap`, a `Response`): callgrind rows only.
+    # `http::Request` with its `HeaderMap`, a `Response`): the least a handler-facing server costs.
     "floor + http types": ("floor_server", {"TYPES": "http"}),
     "servicegroup": ("sg_server", {}),
     "sg, timeouts off": ("sg_server", {"TIMEOUTS": "off"}),
