@@ -501,3 +501,58 @@ in_every_runtime! {
         Ok(())
     }
 }
+
+/// A handler whose response body is not ready when first asked (it wakes itself at once), then
+/// fails, or fails when first asked (`at_once`).
+fn failing_body_server(at_once: bool) -> Server {
+    use servicegroup::http::{Request, Response};
+    use servicegroup::Body;
+    let handler = move |req: Request<Body>| async move {
+        if req.uri().path() != "/fails" {
+            return Response::new(Body::from("hello"));
+        }
+        let mut waited = at_once;
+        let source = futures_lite::stream::poll_fn(move |cx| {
+            if !std::mem::replace(&mut waited, true) {
+                cx.waker().wake_by_ref();
+                return std::task::Poll::Pending;
+            }
+            std::task::Poll::Ready(Some(Err(io::Error::other("the body's source failed"))))
+        });
+        Response::new(Body::from_stream(source))
+    };
+    Server::start(handler, config())
+}
+
+in_every_runtime! {
+    fn a_response_body_that_fails_before_its_first_bytes_gets_500_and_a_close() -> io::Result<()> {
+        let server = failing_body_server(true);
+        let mut stream = common::connect(server.addr);
+        stream.write_all(&get("/fails"))?;
+        let text = read_to_close(&mut stream);
+        assert!(text.starts_with("HTTP/1.1 500 "), "{text}");
+        assert!(text.contains("connection: close\r\n"), "{text}");
+        Ok(())
+    }
+}
+
+in_every_runtime! {
+    fn a_response_body_that_fails_after_its_head_is_cut_short_after_the_pipelined_responses_before_it(
+    ) -> io::Result<()> {
+        let server = failing_body_server(false);
+        let mut stream = common::connect(server.addr);
+        // In one write: the first response waits in the output buffer while the second is
+        // framed (its head goes in after it) and then fails.
+        let mut batch = get("/");
+        batch.extend(get("/fails"));
+        stream.write_all(&batch)?;
+        let text = read_to_close(&mut stream);
+        let (first, second) = text.split_at(text.find("hello").map_or(0, |i| i + "hello".len()));
+        assert!(first.starts_with("HTTP/1.1 200 OK\r\n") && first.contains("content-length: 5\r\n"), "{text:?}");
+        // The second is cut short: its head says chunked, and no last chunk follows.
+        assert!(second.starts_with("HTTP/1.1 200 OK\r\n"), "{text:?}");
+        assert!(second.contains("transfer-encoding: chunked\r\n") && second.ends_with("\r\n\r\n"), "{text:?}");
+        assert!(!second.contains("0\r\n\r\n"), "{text:?}");
+        Ok(())
+    }
+}

@@ -443,6 +443,8 @@ async fn write_stream<I: Io>(
     sent: &mut u64,
 ) -> Result<bool, Error> {
     let chunked = framing == Framing::Chunked;
+    // A request body streamed back fails because of its client; any other body, its source.
+    let echo = body.incoming_request().is_some();
     let mut left = match framing {
         Framing::Length(n) => Some(n),
         _ => None,
@@ -454,11 +456,23 @@ async fn write_stream<I: Io>(
                 let want = stream_want(left, chunk.len());
                 // Never wait for the body while holding the head (or a 100 Continue) back.
                 let mut read = pin!(poll_fn(|cx| body.poll_read_body(cx, &mut chunk[..want])));
-                match poll_once(read.as_mut()).await {
-                    Some(n) => n?,
+                let read = match poll_once(read.as_mut()).await {
+                    Some(read) => read,
                     None => {
                         flush(io, out).await?;
-                        read.await?
+                        read.await
+                    }
+                };
+                match read {
+                    Ok(n) => n,
+                    Err(e) => {
+                        if !echo {
+                            log::error!("response body failed after its head: {e}; the response is cut short");
+                        }
+                        // Cut short: what is encoded still goes out (the pipelined responses
+                        // before this one, whole; this one's head), then the connection closes.
+                        flush(io, out).await?;
+                        return Err(e);
                     }
                 }
             }
