@@ -77,13 +77,17 @@ impl Body {
 
     /// A body read from `reader`. With `len: Some(n)` the response is sent with
     /// `Content-Length: n` and the reader must yield exactly `n` bytes (the connection closes
-    /// otherwise); with `None` it is sent chunked.
+    /// otherwise); with `None` it is sent chunked. The first read is tried before the head is
+    /// sent: if it fails at once, the client gets a 500 instead. A read error after that (the
+    /// head goes out while the reader waits) cuts the response short (no last chunk, or
+    /// fewer bytes than declared) and closes the connection. Either is logged at error.
     pub fn from_reader(reader: impl AsyncRead + Send + 'static, len: Option<u64>) -> Body {
         Body { kind: Kind::Reader { reader: Box::pin(reader), len }, limit: u64::MAX }
     }
 
     /// A body from a stream of chunks, sent chunked; each chunk is flushed as it comes, so this
-    /// suits server-sent events and long polls.
+    /// suits server-sent events and long polls. An error from the stream is answered as a
+    /// read error of [`Body::from_reader`] is.
     pub fn from_stream(stream: impl Stream<Item = io::Result<Bytes>> + Send + 'static) -> Body {
         Body { kind: Kind::Stream { stream: Box::pin(stream), chunk: Bytes::new() }, limit: u64::MAX }
     }

@@ -196,12 +196,12 @@ pub(super) async fn respond<I: Io, H: Handler>(
             drop(st);
             return Ok(refuse(records.metrics, out, progress, Error::BadRequest(why), now));
         }
-        let seen = st.look_ahead();
-        if ctx.close_responses.is_set() && !seen.1 {
+        let (body_done, next_here) = st.look_ahead();
+        if ctx.close_responses.is_set() && !next_here {
             // Shutting down: this is the last response, unless more requests are already here.
             close = true;
         }
-        if !seen.0 {
+        if !body_done {
             match st.expect {
                 // Finish a 100 Continue the body started writing.
                 Continue::Sending(n) => {
@@ -217,7 +217,7 @@ pub(super) async fn respond<I: Io, H: Handler>(
             }
         }
         st.head_started = true;
-        seen
+        (body_done, next_here)
     };
     let connection = if close {
         Connection::Close
@@ -444,7 +444,7 @@ async fn write_stream<I: Io>(
 ) -> Result<bool, Error> {
     let chunked = framing == Framing::Chunked;
     // A request body streamed back fails because of its client; any other body, its source.
-    let echo = body.incoming_request().is_some();
+    let request_body = body.incoming_request().is_some();
     let mut left = match framing {
         Framing::Length(n) => Some(n),
         _ => None,
@@ -466,7 +466,7 @@ async fn write_stream<I: Io>(
                 match read {
                     Ok(n) => n,
                     Err(e) => {
-                        if !echo {
+                        if !request_body {
                             log::error!("response body failed after its head: {e}; the response is cut short");
                         }
                         // Cut short: what is encoded still goes out (the pipelined responses
